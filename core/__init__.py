@@ -1,0 +1,1 @@
+"""The OASS method: network, puzzle tasks, keypoint detectors, losses, EMA teacher."""

@@ -1,0 +1,142 @@
+"""The classifier: a torchvision ResNet at output stride 16 with a 1x1 CAM head."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as tvm
+
+from tools.errors import UserError
+
+# name -> (constructor, ImageNet weights, channels of layer4)
+ARCHITECTURES = {
+    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, 512),
+    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, 2048),
+    "resnet101": (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1, 2048),
+}
+BN_MODES = ("fix", "normal")
+OUTPUT_STRIDE = 16
+
+
+class FixedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its running statistics; weight and bias still train.
+
+    Unlike torchvision.ops.FrozenBatchNorm2d the affine part stays trainable (the reference's `fix` mode).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def fix_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm2d below `module` for a FixedBatchNorm2d holding the same tensors."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, FixedBatchNorm2d):
+            fixed = FixedBatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum)
+            fixed.load_state_dict(child.state_dict())
+            setattr(module, name, fixed)
+        else:
+            fix_batchnorm(child)
+    return module
+
+
+def set_output_stride_16(resnet: tvm.ResNet) -> None:
+    """Make layer4 keep the resolution of layer3 (stride 1, no dilation)."""
+    first = resnet.layer4[0]
+    strided_conv = first.conv2 if isinstance(first, tvm.resnet.Bottleneck) else first.conv1
+    strided_conv.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+
+
+def load_backbone_weights(resnet: tvm.ResNet, architecture: str, pretrained: str) -> None:
+    """Load ImageNet weights through torchvision's weights API, or a local state dict file."""
+    if pretrained == "none":
+        return
+    if pretrained == "imagenet":
+        weights = ARCHITECTURES[architecture][1]
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as exc:  # offline: URLError, OSError, ...
+            raise UserError(
+                f"cannot download the ImageNet weights for {architecture} ({type(exc).__name__}: {exc}); "
+                f"put {Path(weights.url).name} in ~/.cache/torch/hub/checkpoints/, "
+                "or pass --pretrained none (random init) or --pretrained PATH (a torchvision state dict)"
+            ) from None
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise UserError(f"--pretrained {pretrained}: no such file; use imagenet, none or a path to a state dict")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"--pretrained {pretrained} is not a readable torch state dict ({exc})") from None
+        state = state.get("model", state) if isinstance(state, dict) else state
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(
+            f"--pretrained {pretrained} does not fit {architecture}: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+
+
+class Classifier(nn.Module):
+    """ResNet backbone (output stride 16) + 1x1 conv head; logits are the GAP of the raw class maps."""
+
+    def __init__(self, architecture: str = "resnet50", num_classes: int = 20, mode: str = "fix",
+                 pretrained: str = "imagenet") -> None:
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise UserError(f"--architecture {architecture} is not supported; choose one of {', '.join(ARCHITECTURES)}")
+        if mode not in BN_MODES:
+            raise UserError(f"--mode {mode} is not supported; choose fix or normal")
+        build, _, channels = ARCHITECTURES[architecture]
+        resnet = build(weights=None)
+        load_backbone_weights(resnet, architecture, pretrained)
+        set_output_stride_16(resnet)
+        self.backbone = nn.Sequential(
+            resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+            resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
+        )
+        if mode == "fix":
+            fix_batchnorm(self.backbone)
+        self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
+        nn.init.kaiming_normal_(self.head.weight)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits B x C, raw class maps B x C x H/16 x W/16)."""
+        features = self.head(self.backbone(images))
+        return features.mean(dim=(2, 3)), features
+
+
+def make_cams(features: torch.Tensor) -> torch.Tensor:
+    """CAM = ReLU(features), each channel divided by its spatial max (+1e-5)."""
+    cams = F.relu(features)
+    return cams / (cams.amax(dim=(2, 3), keepdim=True) + 1e-5)
+
+
+def parameter_groups(model: Classifier, lr: float, wd: float) -> list[dict]:
+    """The reference's four groups: backbone weights/biases, head weights/biases (x1, x2, x10, x20 lr)."""
+    groups = {key: [] for key in ("backbone_weight", "backbone_bias", "head_weight", "head_bias")}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "head" if name.startswith("head.") else "backbone"
+        kind = "weight" if name.endswith("weight") else "bias"
+        groups[f"{part}_{kind}"].append(param)
+    return [
+        {"name": "backbone_weight", "params": groups["backbone_weight"], "lr": lr, "weight_decay": wd},
+        {"name": "backbone_bias", "params": groups["backbone_bias"], "lr": 2 * lr, "weight_decay": 0.0},
+        {"name": "head_weight", "params": groups["head_weight"], "lr": 10 * lr, "weight_decay": wd},
+        {"name": "head_bias", "params": groups["head_bias"], "lr": 20 * lr, "weight_decay": 0.0},
+    ]
+
+
+def poly_lr_factor(step: int, total_steps: int, power: float = 0.9) -> float:
+    """Poly schedule: the lr of step `step` (0-based) is lr0 * (1 - step/T)^power."""
+    return (1.0 - step / total_steps) ** power

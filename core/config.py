@@ -1,0 +1,150 @@
+"""Command-line flags shared by every training script, with Puzzle-CAM's names where they exist."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from core.builder import ARCHITECTURES, BN_MODES
+from core.strategies import STRATEGIES
+from tools.errors import UserError
+
+# A CPU-sized recipe for --demo: random-init resnet18 at 128 px on the generated demo set.
+# Plain SGD momentum 0.9 here: the reference's effective momentum (1e-4) is too slow from scratch.
+DEMO_DEFAULTS = dict(
+    architecture="resnet18", mode="normal", pretrained="none", image_size=128, min_image_size=96,
+    max_image_size=160, batch_size=16, max_epoch=6, lr=0.05, momentum=0.9, num_workers=2,
+    train_split="main:train", val_split="main:val", print_ratio=0.25,
+)
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes", "y"):
+        return True
+    if value.lower() in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage on error; we keep the one-line error and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    p = OneLineParser(description=defaults.get("description"), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--data_dir", default=None, help="VOC2012 folder (holding JPEGImages/, Annotations/) or a folder containing "
+      "VOCdevkit/VOC2012")
+    a("--demo", action="store_true", help="generate the demo set (once, into a cache folder) and use the CPU recipe")
+    a("--train_split", default="train_aug", help="split name (data/NAME.txt, else ImageSets/Main/NAME.txt), "
+      "main:NAME for the devkit list, or a path to a .txt")
+    a("--val_split", default="val")
+    a("--skip_bad_images", action="store_true", help="skip unreadable images with a warning instead of stopping")
+    a("--num_workers", type=int, default=4)
+    # network
+    a("--architecture", default="resnet50", choices=sorted(ARCHITECTURES))
+    a("--mode", default="fix", choices=BN_MODES, help="BatchNorm: fix = frozen statistics, trainable affine")
+    a("--pretrained", default="imagenet", help="imagenet | none | PATH to a torchvision ResNet state dict")
+    # recipe
+    a("--batch_size", type=int, default=32, help="images per optimizer step, over all GPUs/processes together")
+    a("--max_epoch", type=int, default=15)
+    a("--max_iterations", type=int, default=None, help="stop after N iterations, then evaluate and save")
+    a("--lr", type=float, default=0.1)
+    a("--wd", type=float, default=1e-4)
+    a("--momentum", type=float, default=1e-4, help="SGD momentum; 1e-4 is the reference's effective value")
+    a("--nesterov", type=str2bool, default=True)
+    a("--image_size", type=int, default=512)
+    a("--min_image_size", type=int, default=320)
+    a("--max_image_size", type=int, default=640)
+    a("--print_ratio", type=float, default=0.1, help="log every print_ratio of an epoch")
+    a("--seed", type=int, default=0)
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    # OASS
+    a("--strategy", default=defaults.get("strategy", "none"), choices=sorted(STRATEGIES))
+    a("--alpha_re", type=float, default=0.0, help="weight of the re-construction loss (after warm-up)")
+    a("--alpha_schedule_re", type=float, default=0.5, help="fraction of training over which alpha_re ramps up")
+    a("--alpha_p", type=float, default=1.0, help="weight of the patch classification loss")
+    a("--alpha", type=float, default=None, help="Puzzle-CAM's name for --alpha_re")
+    a("--alpha_schedule", type=float, default=None, help="Puzzle-CAM's name for --alpha_schedule_re")
+    a("--re_loss", default="L1_Loss", choices=["L1_Loss", "L2_Loss"])
+    a("--re_loss_option", default="masking", choices=["masking", "none"],
+      help="masking: re-construction error only on the task's target classes")
+    a("--num_pieces", type=int, default=4, choices=[4], help="Puzzle-CAM flag; OASS always cuts into 4")
+    a("--k", type=int, default=5, help="peaks per class for the top-k strategies")
+    a("--min_distance", type=int, default=20, help="peak suppression radius in input pixels")
+    a("--alpha_ema", type=float, default=0.99, help="EMA teacher momentum (upper bound of the warm-up)")
+    a("--patch_network", default=None, choices=["teacher", "student"],
+      help="network the tiles go through (default: the strategy's)")
+    a("--patch_chunk", type=int, default=0, help="tiles per forward of the patch network (0 = all at once)")
+    # scale and speed
+    a("--amp", default="off", choices=["off", "bf16", "fp16"])
+    a("--accum_steps", type=int, default=1, help="micro-batches per optimizer step (batch_size is the total)")
+    # evaluation and outputs
+    a("--eval_batch_size", type=int, default=None)
+    a("--tag", default=None, help="name of the run's logs and checkpoints")
+    a("--output_dir", default="experiments")
+    a("--save_every", type=int, default=0, help="also save the last checkpoint every N iterations (0: per epoch)")
+    a("--resume", action="store_true", help="continue the run of --tag from <tag>_last.pth")
+    a("--overwrite", action="store_true", help="start --tag over, replacing its outputs")
+    p.set_defaults(**{k: v for k, v in defaults.items() if k not in ("description", "strategy")})
+    return p
+
+
+def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(defaults)
+    if "--demo" in argv:  # the demo recipe replaces the defaults; explicit flags still win
+        parser.set_defaults(**DEMO_DEFAULTS)
+    args = parser.parse_args(argv)
+    if args.alpha is not None:
+        args.alpha_re = args.alpha
+    if args.alpha_schedule is not None:
+        args.alpha_schedule_re = args.alpha_schedule
+    strategy = STRATEGIES[args.strategy]
+    if args.patch_network is None:
+        args.patch_network = strategy.patch_network
+    if args.tag is None:
+        args.tag = f"{'demo' if args.demo else args.architecture}@{args.strategy}"
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject flag values that make no sense, each with one line saying why."""
+    checks = [
+        (args.data_dir is None and not args.demo, "--data_dir is required (or pass --demo for the generated set)"),
+        (args.batch_size < 1, f"--batch_size must be at least 1, got {args.batch_size}"),
+        (args.max_epoch < 1, f"--max_epoch must be at least 1, got {args.max_epoch}"),
+        (args.max_iterations is not None and args.max_iterations < 1, "--max_iterations must be at least 1"),
+        (args.image_size < 32 or args.image_size % 16,
+         f"--image_size must be a multiple of 16 (the output stride) and at least 32, got {args.image_size}"),
+        (not 0 < args.min_image_size <= args.max_image_size,
+         "--min_image_size must be positive and at most --max_image_size"),
+        (args.lr <= 0, f"--lr must be positive, got {args.lr}"),
+        (args.wd < 0, f"--wd must not be negative, got {args.wd}"),
+        (args.momentum < 0 or args.momentum >= 1, f"--momentum must be in [0, 1), got {args.momentum}"),
+        (args.nesterov and args.momentum == 0, "--nesterov true needs a positive --momentum"),
+        (min(args.alpha_re, args.alpha_p) < 0, "loss weights --alpha_re/--alpha and --alpha_p must not be negative"),
+        (args.alpha_schedule_re <= 0 or args.alpha_schedule_re > 1,
+         f"--alpha_schedule_re must be in (0, 1], got {args.alpha_schedule_re}"),
+        (args.k < 1, f"--k must be at least 1, got {args.k}"),
+        (args.min_distance < 0, f"--min_distance must not be negative, got {args.min_distance}"),
+        (not 0 <= args.alpha_ema < 1, f"--alpha_ema must be in [0, 1), got {args.alpha_ema}"),
+        (args.accum_steps < 1, f"--accum_steps must be at least 1, got {args.accum_steps}"),
+        (args.num_workers < 0, "--num_workers must not be negative"),
+        (not 0 < args.print_ratio <= 1, f"--print_ratio must be in (0, 1], got {args.print_ratio}"),
+        (args.save_every < 0, "--save_every must not be negative"),
+        (args.patch_chunk < 0, "--patch_chunk must not be negative"),
+        (args.eval_batch_size < 1, "--eval_batch_size must be at least 1"),
+        (args.resume and args.overwrite, "--resume and --overwrite exclude each other; pick one"),
+        (any(c in args.tag for c in "/\\") or not args.tag.strip(), f"--tag {args.tag!r} must be a plain file name"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise UserError(message)

@@ -1,0 +1,1 @@
+"""Data, metrics, logging and checkpoint helpers shared by the OASS scripts."""

@@ -1,0 +1,7 @@
+"""OASS, cTopk: one task per positive class, cut at the mean of its top-k CAM peaks; EMA teacher."""
+from core.trainer import main
+
+DEFAULTS = {"description": __doc__, "strategy": "ctopk", "alpha_re": 3.0, "alpha_schedule_re": 0.05, "alpha_p": 0.5}
+
+if __name__ == "__main__":
+    main(DEFAULTS)
