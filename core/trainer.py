@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tools.metrics import chance_map, mean_average_precision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -29,6 +28,7 @@ from tools.augment import EvalTransform, TrainTransform
 from tools.checkpoint import restart_from_checkpoint, save_checkpoint, write_json
 from tools.demo_data import default_demo_root, generate_demo_dataset
 from tools.errors import UserError, run_cli
+from tools.metrics import chance_map, mean_average_precision
 from tools.voc import VOCClassification, load_split, resolve_voc_root
 
 LOSS_TERMS = ("loss", "class_loss", "p_class_loss", "re_loss")
@@ -451,8 +451,17 @@ def train(args: argparse.Namespace) -> dict:
                 f"{files.checkpoint('last')} keeps the last good state — lower --lr or the loss weights"
             )
 
+    def check_weights(iteration: int) -> None:
+        """A step can overflow the weights even when its loss was finite: never save those."""
+        if not torch.stack([p.detach().isfinite().all() for p in student.parameters()]).all():
+            raise UserError(
+                f"non-finite weights after iteration {iteration} (the loss diverged); stopped without saving, "
+                f"{files.checkpoint('last')} keeps the last good state — lower --lr or the loss weights"
+            )
+
     def save_last(iteration: int) -> None:
         check_finite()
+        check_weights(iteration)
         if runtime.is_main:
             save_checkpoint(checkpoint_state(iteration), files.checkpoint("last"))
             write_json(history.as_dict(), files.history)
@@ -462,87 +471,89 @@ def train(args: argparse.Namespace) -> dict:
     batches = None
     progress = tqdm(total=stop_at, initial=start_iteration, desc=args.tag, disable=not runtime.is_main,
                     dynamic_ncols=True)
-    student.train()
-    while iteration < stop_at:
-        if batches is None:
-            epoch = iteration // iters_per_epoch
-            sampler.set_epoch(epoch, iteration % iters_per_epoch)
-            batches = iter(loader)
-        factor = poly_lr_factor(iteration, total)
-        for group, lr0 in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = lr0 * factor
-        alpha_re = alpha_re_at(args, iteration, total)
-        for micro in range(args.accum_steps):
-            images, labels_cpu, _ = next(batches)
-            images = images.to(runtime.device, non_blocking=True)
-            if runtime.device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels_cpu.to(runtime.device, non_blocking=True)
-            last_micro = micro == args.accum_steps - 1
-            sync = ddp_student.no_sync() if (runtime.distributed and not last_micro) else contextlib.nullcontext()
-            with sync:
-                loss, stats = forward_losses(ctx, images, labels, labels_cpu, alpha_re)
-                scaler.scale(loss / args.accum_steps).backward()
-            window += stats / args.accum_steps
-            first_bad = ~torch.isfinite(stats[:4]).all() & (bad[0] < 0)
-            bad.copy_(torch.where(first_bad, torch.cat([stats.new_tensor([iteration]), stats]), bad))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if teacher is not None:
-            update_teacher(teacher, student, iteration, args.alpha_ema)
-        iteration += 1
-        window_steps += 1
-        progress.update(1)
-        end_of_epoch = iteration % iters_per_epoch == 0
-        if end_of_epoch:
-            batches = None
-
-        if iteration % log_every == 0 or iteration == stop_at:
-            check_finite()
-            mean = (window / window_steps).tolist()
-            row = {"iteration": iteration, "epoch": round(iteration / iters_per_epoch, 3),
-                   "lr": optimizer.param_groups[0]["lr"], **dict(zip(LOSS_TERMS, mean[:4])),
-                   "alpha_re": alpha_re, "tasks_per_batch": mean[4], "keypoint_distance": mean[5],
-                   "seconds_per_iteration": (time.time() - window_start) / window_steps}
-            history.train.append(row)
-            log(f"[{iteration}/{total}] epoch {row['epoch']:.2f} lr {row['lr']:.4g} loss {row['loss']:.4f} "
-                f"class {row['class_loss']:.4f} p_class {row['p_class_loss']:.4f} re {row['re_loss']:.4f} "
-                f"alpha_re {alpha_re:.3f} tasks/batch {row['tasks_per_batch']:.1f} "
-                f"kp_dist {row['keypoint_distance']:.1f}px {row['seconds_per_iteration']:.2f}s/it")
-            window.zero_()
-            window_steps, window_start = 0, time.time()
-
-        if end_of_epoch or iteration == stop_at:
-            check_finite()
-            result = evaluate(ddp_student, val_set, val_targets, val_ignore, args, runtime, autocast, "val")
-            record = {"epoch": round(iteration / iters_per_epoch, 3), "iteration": iteration,
-                      "mAP": result["mAP"], "mAP_voc": result["mAP_voc"]}
+    try:
+        student.train()
+        while iteration < stop_at:
+            if batches is None:
+                epoch = iteration // iters_per_epoch
+                sampler.set_epoch(epoch, iteration % iters_per_epoch)
+                batches = iter(loader)
+            factor = poly_lr_factor(iteration, total)
+            for group, lr0 in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = lr0 * factor
+            alpha_re = alpha_re_at(args, iteration, total)
+            for micro in range(args.accum_steps):
+                images, labels_cpu, _ = next(batches)
+                images = images.to(runtime.device, non_blocking=True)
+                if runtime.device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = labels_cpu.to(runtime.device, non_blocking=True)
+                last_micro = micro == args.accum_steps - 1
+                sync = ddp_student.no_sync() if (runtime.distributed and not last_micro) else contextlib.nullcontext()
+                with sync:
+                    loss, stats = forward_losses(ctx, images, labels, labels_cpu, alpha_re)
+                    scaler.scale(loss / args.accum_steps).backward()
+                window += stats / args.accum_steps
+                first_bad = ~torch.isfinite(stats[:4]).all() & (bad[0] < 0)
+                bad.copy_(torch.where(first_bad, torch.cat([stats.new_tensor([iteration]), stats]), bad))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
             if teacher is not None:
-                record["mAP_teacher"] = evaluate(teacher, val_set, val_targets, val_ignore, args, runtime,
-                                                 autocast, "val (teacher)")["mAP"]
-            improved = record["mAP"] > best_map
-            best_map = max(best_map, record["mAP"])
-            record["best_mAP"] = best_map
-            record["ap"] = result["ap"]
-            history.validation.append(record)
-            teacher_part = f" mAP_teacher {record['mAP_teacher']:.2f}" if teacher is not None else ""
-            log(f"[val] epoch {record['epoch']:.2f} iteration {iteration}: mAP {record['mAP']:.2f} "
-                f"mAP_voc {record['mAP_voc']:.2f}{teacher_part} best {best_map:.2f} "
-                f"(chance {chance:.2f}, {result['num_images']} images)")
-            if runtime.is_main and improved:
-                save_checkpoint(checkpoint_state(iteration), files.checkpoint("best"))
-            save_last(iteration)
-        elif args.save_every and iteration % args.save_every == 0:
-            save_last(iteration)
+                update_teacher(teacher, student, iteration, args.alpha_ema)
+            iteration += 1
+            window_steps += 1
+            progress.update(1)
+            end_of_epoch = iteration % iters_per_epoch == 0
+            if end_of_epoch:
+                batches = None
 
-        if stop.signum and iteration < stop_at:
-            save_last(iteration)
-            log(f"# stopped by signal {stop.signum} at iteration {iteration}; saved {files.checkpoint('last')}; "
-                "continue with --resume")
-            progress.close()
-            raise SystemExit(128 + stop.signum)
-    progress.close()
+            if iteration % log_every == 0 or iteration == stop_at:
+                check_finite()
+                mean = (window / window_steps).tolist()
+                row = {"iteration": iteration, "epoch": round(iteration / iters_per_epoch, 3),
+                       "lr": optimizer.param_groups[0]["lr"], **dict(zip(LOSS_TERMS, mean[:4])),
+                       "alpha_re": alpha_re, "tasks_per_batch": mean[4], "keypoint_distance": mean[5],
+                       "seconds_per_iteration": (time.time() - window_start) / window_steps}
+                history.train.append(row)
+                log(f"[{iteration}/{total}] epoch {row['epoch']:.2f} lr {row['lr']:.4g} loss {row['loss']:.4f} "
+                    f"class {row['class_loss']:.4f} p_class {row['p_class_loss']:.4f} re {row['re_loss']:.4f} "
+                    f"alpha_re {alpha_re:.3f} tasks/batch {row['tasks_per_batch']:.1f} "
+                    f"kp_dist {row['keypoint_distance']:.1f}px {row['seconds_per_iteration']:.2f}s/it")
+                window.zero_()
+                window_steps, window_start = 0, time.time()
+
+            if end_of_epoch or iteration == stop_at:
+                check_finite()
+                result = evaluate(ddp_student, val_set, val_targets, val_ignore, args, runtime, autocast, "val")
+                record = {"epoch": round(iteration / iters_per_epoch, 3), "iteration": iteration,
+                          "mAP": result["mAP"], "mAP_voc": result["mAP_voc"], "num_images": result["num_images"]}
+                if teacher is not None:
+                    record["mAP_teacher"] = evaluate(teacher, val_set, val_targets, val_ignore, args, runtime,
+                                                     autocast, "val (teacher)")["mAP"]
+                improved = record["mAP"] > best_map
+                best_map = max(best_map, record["mAP"])
+                record["best_mAP"] = best_map
+                record["ap"] = result["ap"]
+                history.validation.append(record)
+                teacher_part = f" mAP_teacher {record['mAP_teacher']:.2f}" if teacher is not None else ""
+                log(f"[val] epoch {record['epoch']:.2f} iteration {iteration}: mAP {record['mAP']:.2f} "
+                    f"mAP_voc {record['mAP_voc']:.2f}{teacher_part} best {best_map:.2f} "
+                    f"(chance {chance:.2f}, {result['num_images']} images)")
+                if runtime.is_main and improved:
+                    check_weights(iteration)
+                    save_checkpoint(checkpoint_state(iteration), files.checkpoint("best"))
+                save_last(iteration)
+            elif args.save_every and iteration % args.save_every == 0:
+                save_last(iteration)
+
+            if stop.signum and iteration < stop_at:
+                save_last(iteration)
+                log(f"# stopped by signal {stop.signum} at iteration {iteration}; saved {files.checkpoint('last')}; "
+                    "continue with --resume")
+                raise SystemExit(128 + stop.signum)
+    finally:
+        progress.close()  # before any error line, so that the error stays the last line
     if runtime.is_main:
         log(f"# done: best val mAP {best_map:.2f}; checkpoints in {files.checkpoint('best').parent}")
     if runtime.distributed:

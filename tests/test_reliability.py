@@ -1,0 +1,145 @@
+"""Resume, atomic writes, signals and the refusal to overwrite a run."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tools.checkpoint import save_checkpoint, write_json
+from tools.demo_data import generate_demo_dataset
+from tools.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train_classification_with_puzzle_cTopk_w_ema.py")
+FLAGS = ["--train_split", "main:train", "--val_split", "main:val", "--architecture", "resnet18", "--mode", "normal",
+         "--pretrained", "none", "--image_size", "64", "--min_image_size", "48", "--max_image_size", "80",
+         "--batch_size", "4", "--num_workers", "0", "--momentum", "0.9", "--lr", "0.01", "--min_distance", "8",
+         "--max_epoch", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_voc(tmp_path_factory) -> Path:
+    return generate_demo_dataset(tmp_path_factory.mktemp("voc") / "tiny", num_train=16, num_val=10,
+                                 min_side=48, max_side=64, seed=1)
+
+
+def command(tiny_voc: Path, out: Path, tag: str, *extra: str) -> list[str]:
+    return [sys.executable, SCRIPT, "--data_dir", str(tiny_voc), *FLAGS, "--output_dir", str(out), "--tag", tag, *extra]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before writing a checkpoint"
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+
+
+def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_voc, tmp_path):
+    out = tmp_path / "exp"
+    straight = run(command(tiny_voc, out, "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    proc = subprocess.Popen(command(tiny_voc, out, "killed", "--save_every", "1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = out / "models" / "killed_last.pth"
+    wait_for(last, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load(last)["iteration"]
+    assert 1 <= killed_at < 8  # killed mid-run: 2 epochs x 4 iterations
+
+    resumed = run(command(tiny_voc, out, "killed", "--save_every", "1", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load(out / "models" / "straight_last.pth"), load(last)
+    assert a["iteration"] == b["iteration"] == 8
+    for part in ("model", "teacher"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert [v["mAP"] for v in a["history"]["validation"]] == [v["mAP"] for v in b["history"]["validation"]]
+    log = (out / "logs" / "killed.txt").read_text()
+    assert f"resumed from {last} at iteration {killed_at}" in log
+
+
+def test_sigterm_saves_says_where_and_exits(tiny_voc, tmp_path):
+    out = tmp_path / "exp"
+    proc = subprocess.Popen(command(tiny_voc, out, "term", "--save_every", "1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    last = out / "models" / "term_last.pth"
+    wait_for(last, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in err
+    log = (out / "logs" / "term.txt").read_text()
+    assert f"saved {last}" in log and "--resume" in log
+    assert load(last)["iteration"] < 8
+
+
+def test_existing_tag_is_refused_then_overwrite_and_resume_work(tiny_voc, tmp_path):
+    out = tmp_path / "exp"
+    first = run(command(tiny_voc, out, "again", "--max_iterations", "1"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (out / "models" / "again_last.pth").read_bytes()
+    refused = run(command(tiny_voc, out, "again", "--max_iterations", "1"))
+    assert refused.returncode == 2
+    line = refused.stderr.strip()
+    assert "\n" not in line and "--resume" in line and "--overwrite" in line
+    assert (out / "models" / "again_last.pth").read_bytes() == before  # nothing lost
+    assert run(command(tiny_voc, out, "again", "--max_iterations", "2", "--resume")).returncode == 0
+    assert load(out / "models" / "again_last.pth")["iteration"] == 2
+    assert run(command(tiny_voc, out, "again", "--max_iterations", "1", "--overwrite")).returncode == 0
+    assert load(out / "models" / "again_last.pth")["iteration"] == 1
+
+
+def test_resume_without_checkpoint_and_unwritable_output_are_one_line(tiny_voc, tmp_path):
+    res = run(command(tiny_voc, tmp_path / "exp", "ghost", "--resume"))
+    assert res.returncode == 2 and "no checkpoint" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    res = run(command(tiny_voc, blocker / "exp", "x"))
+    assert res.returncode == 2 and "--output_dir" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_voc, tmp_path):
+    out = tmp_path / "exp"
+    res = run(command(tiny_voc, out, "boom", "--lr", "1e12", "--save_every", "1"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "non-finite" in res.stderr and "iteration" in res.stderr and "Traceback" not in res.stderr
+    # progress bars may come first; the error itself is one line, the last one
+    assert res.stderr.strip().splitlines()[-1].startswith("error: non-finite")
+    last = out / "models" / "boom_last.pth"
+    if last.exists():  # whatever was saved holds finite weights only
+        assert all(torch.isfinite(v.float()).all() for v in load(last)["model"].values())
+
+
+def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint({"iteration": 1}, path)
+    write_json({"a": 1}, tmp_path / "h.json")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="No space left on device.*previous version of it is intact"):
+        save_checkpoint({"iteration": 2}, path)
+    assert load(path)["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth", "h.json"]  # no temp file left behind
