@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import NoReturn
+import warnings
+from typing import Callable, NoReturn
 
 EXIT_USAGE = 2
 
@@ -17,9 +17,30 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+def user_message(exc: UserError) -> str:
+    """The error's own sentence, on one line.
+
+    A DataLoader worker re-raises an exception with the worker's traceback folded into its
+    message ("Caught X in DataLoader worker ... Original Traceback ..."); the sentence that the
+    code raised is the last line there, after "module.ClassName: ".
+    """
+    text = str(exc)
+    if "Original Traceback" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+        head, sep, rest = text.partition(": ")
+        if sep and " " not in head:
+            text = rest
+    return " ".join(text.split())
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a command-line entry point, turning UserError into one line and exit code 2."""
+    """Run a command-line entry point: UserError becomes one line and exit code 2; warnings are one line."""
+    warnings.formatwarning = _one_line_warning
     try:
         main()
     except UserError as exc:
-        fail(" ".join(str(exc).split()))
+        fail(user_message(exc))
