@@ -367,14 +367,13 @@ def train(args: argparse.Namespace) -> dict:
     runtime = setup_runtime(args)
     seed_everything(args.seed)
     strategy = STRATEGIES[args.strategy]
-    files = RunFiles(Path(args.output_dir), args.tag)
-    if runtime.is_main:
-        files.prepare(args.resume, args.overwrite)
-
-    # data
+    # data first: a wrong path or split is reported before anything is written
     root = resolve_data_root(args, runtime)
     train_split = load_split(root, args.train_split)
     val_split = load_split(root, args.val_split)
+    files = RunFiles(Path(args.output_dir), args.tag)
+    if runtime.is_main:
+        files.prepare(args.resume, args.overwrite)
     train_set = VOCClassification(root, train_split, TrainTransform(args.image_size, args.min_image_size,
                                                                    args.max_image_size), args.skip_bad_images)
     val_set = VOCClassification(root, val_split, EvalTransform(args.image_size), args.skip_bad_images)

@@ -1,5 +1,14 @@
+import os
 import sys
 from pathlib import Path
+
+# One compute thread per process: the suite starts many small training processes on a 2-core
+# machine, and OpenMP threads that spin-wait for a busy core slow tiny models down by 10x or more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # the repo root holds the `core` and `tools` packages and the training scripts
 ROOT = Path(__file__).resolve().parents[1]
