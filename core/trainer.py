@@ -29,6 +29,7 @@ from tools.checkpoint import restart_from_checkpoint, save_checkpoint, write_jso
 from tools.demo_data import default_demo_root, generate_demo_dataset
 from tools.errors import UserError, run_cli
 from tools.metrics import chance_map, mean_average_precision
+from tools.tb_logging import close_writer, log_cam_images, log_scalars, make_writer
 from tools.voc import VOCClassification, load_split, resolve_voc_root
 
 LOSS_TERMS = ("loss", "class_loss", "p_class_loss", "re_loss")
@@ -313,6 +314,18 @@ def evaluate(model: nn.Module, dataset, targets: np.ndarray, ignore: np.ndarray,
     return {"mAP": m_ref, "mAP_voc": m_voc, "ap": ap_ref.tolist(), "ap_voc": ap_voc.tolist(), "num_images": n}
 
 
+@torch.no_grad()
+def log_val_cams(writer, iteration: int, model: nn.Module, dataset, device: torch.device, count: int = 4) -> None:
+    """TensorBoard: CAMs (max over each image's labelled classes) of the first validation images."""
+    images, labels, _ = zip(*(dataset[i] for i in range(min(count, len(dataset)))))
+    images, labels = torch.stack(images).to(device), torch.stack(labels).to(device)
+    model.eval()
+    _, features = model(images)
+    model.train()
+    merged = (make_cams(features.float()) * labels[:, :, None, None]).amax(dim=1)
+    log_cam_images(writer, iteration, images, merged)
+
+
 # ----------------------------------------------------------------------------- training
 class StopRequest:
     """SIGINT/SIGTERM ask the loop to save and exit at the end of the current iteration."""
@@ -411,7 +424,7 @@ def train(args: argparse.Namespace) -> dict:
                           validation=ckpt["history"]["validation"], extra=ckpt["history"].get("extra", {}))
         set_rng_states(ckpt["rng"])
     chance = chance_map(val_targets)
-    history.extra.update({"chance_mAP": chance, "strategy": strategy.summary, "script": Path(sys.argv[0]).name,
+    history.extra.update({"chance_mAP": chance, "strategy_summary": strategy.summary, "script": Path(sys.argv[0]).name,
                           "iterations_per_epoch": iters_per_epoch, "total_iterations": total})
     log = Logger(files.log, runtime.is_main, append=args.resume)
     if runtime.is_main:
@@ -424,6 +437,7 @@ def train(args: argparse.Namespace) -> dict:
         log(f"# strategy {strategy.name}: {strategy.summary}; patch network: {args.patch_network}")
         log(f"# chance level of val mAP (mean AP of random scores): {chance:.2f}%")
 
+    writer = make_writer(files.root / "tensorboard" / args.tag) if runtime.is_main else None  # optional extra
     ddp_student = wrap_for_devices(student, runtime, trainable=True)
     patch_teacher = wrap_for_devices(teacher, runtime, trainable=False) if teacher is not None else None
     ctx = StepContext(strategy, ddp_student, patch_teacher, args, autocast)
@@ -519,6 +533,7 @@ def train(args: argparse.Namespace) -> dict:
                     f"class {row['class_loss']:.4f} p_class {row['p_class_loss']:.4f} re {row['re_loss']:.4f} "
                     f"alpha_re {alpha_re:.3f} tasks/batch {row['tasks_per_batch']:.1f} "
                     f"kp_dist {row['keypoint_distance']:.1f}px {row['seconds_per_iteration']:.2f}s/it")
+                log_scalars(writer, iteration, {f"train/{k}": v for k, v in row.items() if k != "iteration"})
                 window.zero_()
                 window_steps, window_start = 0, time.time()
 
@@ -533,12 +548,15 @@ def train(args: argparse.Namespace) -> dict:
                 improved = record["mAP"] > best_map
                 best_map = max(best_map, record["mAP"])
                 record["best_mAP"] = best_map
-                record["ap"] = result["ap"]
+                record["ap"], record["ap_voc"] = result["ap"], result["ap_voc"]
                 history.validation.append(record)
                 teacher_part = f" mAP_teacher {record['mAP_teacher']:.2f}" if teacher is not None else ""
                 log(f"[val] epoch {record['epoch']:.2f} iteration {iteration}: mAP {record['mAP']:.2f} "
                     f"mAP_voc {record['mAP_voc']:.2f}{teacher_part} best {best_map:.2f} "
                     f"(chance {chance:.2f}, {result['num_images']} images)")
+                log_scalars(writer, iteration, {f"val/{k}": v for k, v in record.items() if k.startswith("mAP")})
+                if writer is not None:
+                    log_val_cams(writer, iteration, student, val_set, runtime.device)
                 if runtime.is_main and improved:
                     check_weights(iteration)
                     save_checkpoint(checkpoint_state(iteration), files.checkpoint("best"))
@@ -553,6 +571,7 @@ def train(args: argparse.Namespace) -> dict:
                 raise SystemExit(128 + stop.signum)
     finally:
         progress.close()  # before any error line, so that the error stays the last line
+    close_writer(writer)
     if runtime.is_main:
         log(f"# done: best val mAP {best_map:.2f}; checkpoints in {files.checkpoint('best').parent}")
     if runtime.distributed:

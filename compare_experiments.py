@@ -1,0 +1,178 @@
+"""Compare training runs side by side from their histories (OUTPUT_DIR/data/<tag>.json).
+
+    python compare_experiments.py [--dir experiments] [--format markdown|csv] [--plot out.png]
+
+One row per run: its script and strategy, key flags, best validation mAP and its epoch, the last
+mAP, mAP_voc at the best epoch, iterations done and wall time. --plot draws val mAP against epoch
+for every run; it needs matplotlib, an optional extra that requirements.txt leaves out on purpose
+(pip install matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+from core.config import OneLineParser
+from tools.errors import UserError, run_cli
+
+FLAG_COLUMNS = ("architecture", "alpha_re", "alpha_p", "image_size", "batch_size")
+RESULT_COLUMNS = ("best_mAP", "best_epoch", "last_mAP", "mAP_voc_at_best")
+COLUMNS = ("tag", "script", "strategy", *FLAG_COLUMNS, *RESULT_COLUMNS, "iterations", "total_iterations",
+           "wall_time_s")  # the CSV's
+MARKDOWN_HEADERS = ("tag", "script / strategy", *FLAG_COLUMNS, *RESULT_COLUMNS, "iterations", "wall time")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dir", default="experiments", help="the runs' output folder (holding data/)")
+    p.add_argument("--format", default="markdown", choices=["markdown", "csv"])
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw val mAP vs epoch (needs matplotlib)")
+    return p
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_histories(folder: Path) -> list[dict]:
+    """Every run history under folder/data, sorted by tag; evaluation outputs and unreadable files skipped."""
+    data = folder / "data"
+    if not data.is_dir():
+        raise UserError(f"--dir {folder} has no data/ folder of run histories; pass the training --output_dir")
+    histories = []
+    for path in sorted(data.glob("*.json")):
+        if "_eval_" in path.name:  # evaluate_classification.py results, not run histories
+            continue
+        try:
+            history = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            warn(f"skipping {path}: not readable JSON ({type(exc).__name__})")
+            continue
+        if not isinstance(history, dict) or not isinstance(history.get("config"), dict):
+            warn(f"skipping {path}: not a run history (no 'config')")
+            continue
+        history["config"].setdefault("tag", path.stem)
+        histories.append(history)
+    if not histories:
+        raise UserError(f"no run histories in {data}; train a run with --output_dir {folder} first")
+    return sorted(histories, key=lambda h: str(h["config"]["tag"]))
+
+
+def _records(history: dict, key: str) -> list[dict]:
+    rows = history.get(key)
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def summarize(history: dict) -> dict:
+    """One table row of a run history (None where the history lacks the value)."""
+    config = history["config"]
+    validation = [r for r in _records(history, "validation") if _number(r.get("mAP")) is not None]
+    best = max(validation, key=lambda r: r["mAP"]) if validation else {}  # first of equal maxima, like the trainer
+    done = [_number(r.get("iteration")) for r in _records(history, "train") + validation]
+    done = [d for d in done if d is not None]
+    return {
+        "tag": config.get("tag"), "script": history.get("script"), "strategy": config.get("strategy"),
+        **{key: config.get(key) for key in FLAG_COLUMNS}, "best_mAP": best.get("mAP"), "best_epoch": best.get("epoch"),
+        "last_mAP": validation[-1]["mAP"] if validation else None, "mAP_voc_at_best": best.get("mAP_voc"),
+        "iterations": int(max(done)) if done else None, "total_iterations": history.get("total_iterations"),
+        "wall_time_s": _number(history.get("wall_time")),
+    }
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _cell(key: str, value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key in ("best_mAP", "last_mAP", "mAP_voc_at_best"):
+        return f"{value:.2f}"
+    if key == "wall_time_s":
+        return _duration(value)
+    return str(value).replace("|", "\\|")  # a literal bar would split the markdown cell
+
+
+def format_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(MARKDOWN_HEADERS) + " |", "|" + "---|" * len(MARKDOWN_HEADERS)]
+    for row in rows:
+        done = _cell("iterations", row["iterations"])
+        if row["total_iterations"] is not None:
+            done += f"/{row['total_iterations']}"
+        cells = [_cell("tag", row["tag"]), f"{_cell('script', row['script'])} / {_cell('strategy', row['strategy'])}"]
+        cells += [_cell(c, row[c]) for c in (*FLAG_COLUMNS, *RESULT_COLUMNS)]
+        cells += [done, _cell("wall_time_s", row["wall_time_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return out.getvalue().rstrip("\n")
+
+
+def import_pyplot():
+    """matplotlib.pyplot with a file-only backend, or a UserError: matplotlib is an optional extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib (pip install matplotlib)") from None
+    return plt
+
+
+def plot_curves(plt, histories: list[dict], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for history in histories:
+        points = [(r["epoch"], r["mAP"]) for r in _records(history, "validation")
+                  if _number(r.get("epoch")) is not None and _number(r.get("mAP")) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=str(history["config"]["tag"]))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val mAP (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120, bbox_inches="tight")
+    except (OSError, ValueError) as exc:  # ValueError: an extension matplotlib cannot write
+        raise UserError(f"--plot {out}: cannot write it ({exc})") from None
+    finally:
+        plt.close(fig)
+
+
+def compare(args: argparse.Namespace) -> list[dict]:
+    plt = import_pyplot() if args.plot else None  # fail before any output when matplotlib is missing
+    histories = read_histories(Path(args.dir))
+    rows = [summarize(h) for h in histories]
+    print(format_markdown(rows) if args.format == "markdown" else format_csv(rows))
+    if plt is not None:
+        plot_curves(plt, histories, Path(args.plot))
+        print(f"wrote {args.plot}", file=sys.stderr)  # stderr: keeps stdout a clean table/CSV
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: compare(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

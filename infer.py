@@ -1,0 +1,100 @@
+"""Predict the VOC labels of image files with a trained run.
+
+    python infer.py IMAGE [IMAGE ...] (--tag T [--checkpoint best|last] | --checkpoint PATH)
+        [--threshold 0.5] [--save_cam DIR] [--device auto]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.config import OneLineParser
+from tools.errors import UserError, run_cli
+from tools.inspect_utils import (
+    add_run_args,
+    cam_overlay,
+    choose_device,
+    denormalize,
+    eval_input,
+    load_run,
+    make_folder,
+    open_image,
+    predict_with_cams,
+    resize_long_side,
+    safe_name,
+    save_png,
+)
+from tools.voc import VOC_CLASSES
+
+PROTOCOL = ("Each image is resized so that its long side is the run's --image_size (bicubic), then normalised and "
+            "zero-padded at the bottom/right to image_size x image_size (the evaluation's top-left padding).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description=f"{__doc__.splitlines()[0]} {PROTOCOL}",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    add_run_args(p)
+    p.add_argument("--threshold", type=float, default=0.5, help="print the labels whose sigmoid score is above this")
+    p.add_argument("--save_cam", default=None, metavar="DIR", help="write CAM overlays of the predicted classes here")
+    return p
+
+
+def predicted_labels(probs: torch.Tensor, threshold: float) -> list[tuple[str, float]]:
+    """(class, score) above the threshold, highest score first."""
+    picked = [(VOC_CLASSES[c], float(probs[c])) for c in range(len(VOC_CLASSES)) if probs[c] > threshold]
+    return sorted(picked, key=lambda pair: -pair[1])
+
+
+def format_prediction(path: str, labels: list[tuple[str, float]], probs: torch.Tensor, threshold: float) -> str:
+    if labels:
+        return f"{path}: " + ", ".join(f"{name} {score:.4f}" for name, score in labels)
+    best = int(probs.argmax())
+    return f"{path}: (no label above {threshold:g}; best {VOC_CLASSES[best]} {float(probs[best]):.4f})"
+
+
+def save_cams(folder: Path, stem: str, rgb: np.ndarray, cams: torch.Tensor, labels: list[tuple[str, float]],
+              visible: tuple[int, int]) -> list[Path]:
+    """One overlay PNG per predicted class, cropped to the image (without the padding)."""
+    height, width = visible
+    paths = []
+    for name, _ in labels:
+        overlay = cam_overlay(rgb, cams[VOC_CLASSES.index(name)])[:height, :width]
+        paths.append(save_png(folder / f"{stem}_{name}.png", overlay))
+    return paths
+
+
+def infer(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]:
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
+    images = [open_image(path) for path in args.images]  # every path checked before any output
+    device = choose_device(args.device)
+    run = load_run(args.tag, args.checkpoint, args.output_dir, device)
+    size = run.config["image_size"]
+    folder = make_folder(args.save_cam) if args.save_cam else None
+    results, saved = [], 0
+    for path, image in zip(args.images, images):
+        tensor = eval_input(image, size, fit=True)
+        logits, _, cams = predict_with_cams(run.model, tensor, device)
+        probs = torch.sigmoid(logits)
+        labels = predicted_labels(probs, args.threshold)
+        print(format_prediction(path, labels, probs, args.threshold))
+        results.append((path, labels))
+        if folder is not None:
+            fitted = resize_long_side(image, size)
+            saved += len(save_cams(folder, f"{safe_name(Path(path).stem)}", denormalize(tensor), cams, labels,
+                                   (fitted.height, fitted.width)))
+    if folder is not None:
+        print(f"wrote {saved} CAM overlay(s) to {folder}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: infer(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

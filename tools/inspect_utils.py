@@ -1,0 +1,255 @@
+"""Shared pieces of the research tools (evaluate_classification.py, visualize_cams.py, infer.py).
+
+Finding and loading a run's checkpoint by tag, rebuilding its network, locating its data, preparing
+images the way evaluation does, and drawing CAM overlays. Every problem a user can cause raises
+`UserError`, which the scripts turn into one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from core.builder import Classifier, make_cams
+from core.keypoints import upsample_maps
+from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_size
+from tools.checkpoint import load_checkpoint
+from tools.demo_data import default_demo_root, generate_demo_dataset
+from tools.errors import UserError
+from tools.voc import BadImageError, load_rgb_image, resolve_voc_root
+
+CHECKPOINT_NAMES = ("best", "last")
+OVERLAY_ALPHA = 0.5  # weight of the heat map in a CAM overlay
+
+
+# ----------------------------------------------------------------------------- command line
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """--tag / --checkpoint / --output_dir / --device, shared by the tools that load a run."""
+    parser.add_argument("--tag", default=None, help="the run's --tag (optional with --checkpoint PATH: then the "
+                        "checkpoint's own tag names the outputs)")
+    parser.add_argument("--checkpoint", default="best",
+                        help="best | last (the tag's checkpoints under OUTPUT_DIR/models) or a path to a .pth")
+    parser.add_argument("--output_dir", default="experiments", help="the runs' output folder (models/, data/, ...)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def choose_device(name: str) -> torch.device:
+    """auto = CUDA when available, else CPU; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def safe_name(text: str) -> str:
+    """A split name or label as a file-name part: 'main:val' -> 'main_val', a list path -> its stem."""
+    if text.endswith(".txt") or "/" in text or "\\" in text:
+        text = Path(text).stem
+    return re.sub(r"[^A-Za-z0-9._@-]+", "_", text).strip("_") or "split"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def run_files(output_dir: str | Path, tag: str):
+    """The trainer's RunFiles layout (models/<tag>_{best,last}.pth, data/<tag>.json, ...)."""
+    # Imported here, not at the top: core.trainer may import tools.tb_logging, which imports this module.
+    from core.trainer import RunFiles
+
+    return RunFiles(Path(output_dir), tag)
+
+
+def known_tags(output_dir: str | Path) -> list[str]:
+    """Tags that have at least one checkpoint under output_dir/models."""
+    folder = Path(output_dir) / "models"
+    if not folder.is_dir():
+        return []
+    tags = {p.name[: -len(f"_{which}.pth")] for which in CHECKPOINT_NAMES for p in folder.glob(f"*_{which}.pth")}
+    return sorted(tags)
+
+
+def _tags_hint(output_dir: str | Path) -> str:
+    tags = known_tags(output_dir)
+    if not tags:
+        return f"no run has checkpoints under {Path(output_dir) / 'models'}"
+    shown = ", ".join(tags[:8]) + (", ..." if len(tags) > 8 else "")
+    return f"tags with checkpoints there: {shown}"
+
+
+def resolve_checkpoint(tag: str | None, checkpoint: str | None, output_dir: str | Path) -> Path:
+    """The .pth file meant by --tag / --checkpoint best|last|PATH, or a UserError naming what was tried."""
+    which = checkpoint or "best"
+    if which not in CHECKPOINT_NAMES:
+        path = Path(which).expanduser()
+        if not path.is_file():
+            raise UserError(f"--checkpoint {which}: no such file; pass best, last or the path of a .pth file")
+        return path
+    if tag is None:
+        raise UserError(f"--checkpoint {which} needs --tag (or pass --checkpoint PATH to a .pth file)")
+    files = run_files(output_dir, tag)
+    path = files.checkpoint(which)
+    if path.is_file():
+        return path
+    others = [p for p in (files.checkpoint(n) for n in CHECKPOINT_NAMES) if p.is_file()]
+    if others:
+        other = others[0].stem.rsplit("_", 1)[-1]
+        raise UserError(f"--tag {tag} has no {which} checkpoint ({path}); pass --checkpoint {other} "
+                        f"({others[0]}) or wait for the run to write it")
+    tried = " or ".join(str(files.checkpoint(n)) for n in CHECKPOINT_NAMES)
+    raise UserError(f"unknown --tag {tag}: no checkpoint {tried}; {_tags_hint(output_dir)} — check the tag, "
+                    "pass --output_dir DIR where the run wrote its models/, or --checkpoint PATH")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint of this repo's trainer (a dict with 'model' and 'config'), loaded on the CPU."""
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
+        raise UserError(f"{path} is not a checkpoint of the training scripts (no 'model'/'config' entries)")
+    return checkpoint
+
+
+def build_classifier(config: dict, state: dict, device: torch.device) -> Classifier:
+    """The run's network rebuilt from its config (no ImageNet download) with `state` loaded, in eval mode."""
+    model = Classifier(config.get("architecture", "resnet50"), mode=config.get("mode", "fix"), pretrained="none")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"the checkpoint's weights do not fit a {config.get('architecture')} Classifier "
+                        f"({first})") from None
+    return model.to(device).eval()
+
+
+@dataclass
+class LoadedRun:
+    path: Path  # the checkpoint file
+    tag: str
+    config: dict  # the run's argparse flags
+    model: Classifier  # in eval mode, on the chosen device
+    network: str  # "student" or "teacher"
+    epoch: float
+    iteration: int
+
+
+def load_run(tag: str | None, checkpoint: str | None, output_dir: str | Path, device: torch.device,
+             teacher: bool = False) -> LoadedRun:
+    """Checkpoint of --tag/--checkpoint, its network (the EMA teacher with teacher=True) ready to evaluate."""
+    path = resolve_checkpoint(tag, checkpoint, output_dir)
+    ckpt = read_checkpoint(path)
+    config = dict(ckpt["config"])
+    if teacher and ckpt.get("teacher") is None:
+        raise UserError(f"{path} holds no EMA teacher (strategy {config.get('strategy')}, patch network "
+                        f"{config.get('patch_network')}); drop --teacher")
+    state = ckpt["teacher"] if teacher else ckpt["model"]
+    model = build_classifier(config, state, device)
+    return LoadedRun(path=path, tag=tag or config.get("tag") or path.stem, config=config, model=model,
+                     network="teacher" if teacher else "student", epoch=float(ckpt.get("epoch", 0.0)),
+                     iteration=int(ckpt.get("iteration", 0)))
+
+
+# ----------------------------------------------------------------------------- data
+def data_root(config: dict, data_dir: str | None) -> Path:
+    """The VOC folder to read: --data_dir when given, else the run's own (the demo cache for --demo runs)."""
+    if data_dir is not None:
+        return resolve_voc_root(data_dir)
+    if config.get("demo"):
+        root = Path(config["data_dir"]) if config.get("data_dir") else default_demo_root()
+        if (root / "JPEGImages").is_dir() and (root / "Annotations").is_dir():
+            return root
+        return generate_demo_dataset(root)  # the same call the trainer makes: rebuilds a deleted cache
+    if not config.get("data_dir"):
+        raise UserError("the run's config names no data_dir; pass --data_dir DIR")
+    try:
+        return resolve_voc_root(config["data_dir"])
+    except UserError as exc:
+        raise UserError(f"the run's data folder is not usable ({exc}); pass --data_dir DIR") from None
+
+
+def default_split(config: dict) -> str:
+    """The split the run validated on (main:val for --demo runs)."""
+    return config.get("val_split") or "val"
+
+
+# ----------------------------------------------------------------------------- images
+def open_image(path: str | Path) -> Image.Image:
+    """An RGB image from a user-given path; a missing or undecodable file is a one-line UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path} is not a file")
+    try:
+        return load_rgb_image(path)
+    except BadImageError:
+        raise UserError(f"{path} is not a readable image (truncated, or not an image file)") from None
+
+
+def resize_long_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the long side is `size` (bicubic, the training resize), aspect kept."""
+    return image.resize(long_side_size(image.width, image.height, size), Image.BICUBIC)
+
+
+def eval_input(image: Image.Image, image_size: int, fit: bool = False) -> torch.Tensor:
+    """(3, S, S) network input: normalise, top-left window of S x S zero-padded (EvalTransform).
+
+    fit=True first resizes the long side to S, so that an arbitrary photo is seen whole.
+    """
+    if fit:
+        image = resize_long_side(image, image_size)
+    return EvalTransform(image_size)(image)
+
+
+def denormalize(images: torch.Tensor) -> np.ndarray:
+    """Normalised (3, H, W) or (B, 3, H, W) tensors -> uint8 RGB (H, W, 3) or (B, H, W, 3)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixels = (images.detach().float().cpu() * std + mean).clamp(0, 1) * 255
+    return pixels.round().to(torch.uint8).movedim(-3, -1).numpy()
+
+
+@torch.no_grad()
+def predict_with_cams(model: Classifier, image: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(logits (C,), CAMs (C, h, w) at the feature resolution, CAMs (C, S, S) upsampled) of one (3, S, S) input."""
+    logits, features = model(image[None].to(device))
+    cams = make_cams(features.float())[0].cpu()
+    return logits[0].float().cpu(), cams, upsample_maps(cams, tuple(image.shape[-2:]))
+
+
+def cam_overlay(rgb: np.ndarray, cam: np.ndarray | torch.Tensor, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """JET heat map of a [0, 1] CAM (resized to the image when needed) blended on a uint8 RGB image."""
+    cam = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
+    height, width = rgb.shape[:2]
+    if cam.shape != (height, width):
+        cam = cv2.resize(cam.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    heat = np.clip(cam * 255.0, 0, 255).astype(np.uint8)
+    heat = cv2.cvtColor(cv2.applyColorMap(heat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return cv2.addWeighted(np.ascontiguousarray(rgb, dtype=np.uint8), 1.0 - alpha, heat, alpha, 0.0)
+
+
+def make_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {folder} ({exc.strerror or exc}); choose another output folder") from None
+    return folder
+
+
+def save_png(path: str | Path, rgb: np.ndarray) -> Path:
+    """Write a uint8 RGB image as PNG (cv2 wants BGR)."""
+    path = Path(path)
+    make_folder(path.parent)
+    if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
+        raise UserError(f"cannot write {path}; check the folder's permissions and free space")
+    return path
