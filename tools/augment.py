@@ -1,0 +1,109 @@
+"""Training and evaluation transforms of the reference recipe, driven by an explicit random generator.
+
+A transform maps (PIL RGB image, numpy Generator) to a CHW float32 tensor. All randomness comes
+from the generator passed in, so a training sample is a pure function of its seed, whatever the
+worker or process that builds it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tools.errors import UserError
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32)
+
+
+def long_side_size(width: int, height: int, long_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side equals `long_side`, aspect kept (reference rounding)."""
+    scale = long_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def random_long_side_size(width: int, height: int, min_size: int, max_size: int,
+                          rng: np.random.Generator) -> tuple[int, int]:
+    """Target size whose long side is an integer drawn uniformly from [min_size, max_size]."""
+    return long_side_size(width, height, int(rng.integers(min_size, max_size + 1)))
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 HWC RGB -> float32 CHW with ImageNet mean/std (on image / 255)."""
+    scaled = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    return ((scaled - _MEAN) / _STD).transpose(2, 0, 1)
+
+
+def crop_offsets(length: int, crop: int, rng: np.random.Generator | None) -> tuple[int, int, int]:
+    """(source start, canvas start, copied length) along one axis.
+
+    An image longer than the crop is cut at a random start; a shorter one is placed at a random
+    offset inside the zero canvas (the reference's RandomCrop). rng None: top-left.
+    """
+    space = length - crop
+    if rng is None:
+        return 0, 0, min(length, crop)
+    if space > 0:
+        return int(rng.integers(0, space + 1)), 0, crop
+    return 0, int(rng.integers(0, -space + 1)), length
+
+
+def place_on_canvas(pixels: np.ndarray, size: int, rng: np.random.Generator | None) -> torch.Tensor:
+    """Normalise the part of a uint8 HWC image that lands in a size x size crop; zeros elsewhere."""
+    height, width = pixels.shape[:2]
+    src_y, dst_y, h = crop_offsets(height, size, rng)
+    src_x, dst_x, w = crop_offsets(width, size, rng)
+    canvas = np.zeros((3, size, size), dtype=np.float32)
+    # Normalising only the kept region is the same as normalising first and cropping after.
+    canvas[:, dst_y:dst_y + h, dst_x:dst_x + w] = normalize(pixels[src_y:src_y + h, src_x:src_x + w])
+    return torch.from_numpy(canvas)
+
+
+def _rgb_pixels(img: Image.Image) -> Image.Image:  # convert() copies even an RGB image
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if int(value) != value or value < 1:
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
+class TrainTransform:
+    """Long side uniform in [min_size, max_size] (bicubic), flip p=0.5, normalise, random crop with 0 pad."""
+
+    def __init__(self, image_size: int, min_size: int, max_size: int):
+        _check_sizes(image_size=image_size, min_size=min_size, max_size=max_size)
+        if min_size > max_size:
+            raise UserError(f"the minimum resize size ({min_size}) is larger than the maximum ({max_size})")
+        self.image_size, self.min_size, self.max_size = int(image_size), int(min_size), int(max_size)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        if rng is None:
+            raise ValueError("TrainTransform needs a numpy Generator: give the dataset (index, seed) keys")
+        size = random_long_side_size(img.width, img.height, self.min_size, self.max_size, rng)
+        pixels = np.asarray(_rgb_pixels(img).resize(size, Image.BICUBIC))
+        if rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        return place_on_canvas(pixels, self.image_size, rng)
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(image_size={self.image_size}, min_size={self.min_size}, "
+                f"max_size={self.max_size})")
+
+
+class EvalTransform:
+    """Normalise, then keep the top-left image_size x image_size window, zero-padded (reference protocol)."""
+
+    def __init__(self, image_size: int):
+        _check_sizes(image_size=image_size)
+        self.image_size = int(image_size)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        return place_on_canvas(np.asarray(_rgb_pixels(img)), self.image_size, None)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(image_size={self.image_size})"
