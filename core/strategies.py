@@ -69,8 +69,9 @@ def build_tasks(strategy: Strategy, cams: torch.Tensor, labels: torch.Tensor, la
         targets = labels
     height, width = image_size
     if strategy.keypoints == "centre":
-        centre = torch.tensor([height / 2, width / 2], device=device)
-        return Tasks(image_index, centre.expand(len(image_index), 2), targets)
+        centre = torch.empty((len(image_index), 2), device=device)
+        centre[:, 0], centre[:, 1] = height / 2, width / 2  # filled on the device: no copy, no sync
+        return Tasks(image_index, centre, targets)
     if class_index is not None:
         maps = cams[image_index, class_index]
     else:  # merged CAM: max over the image's positive classes

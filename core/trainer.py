@@ -258,9 +258,9 @@ def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
         stitched = stitch_tiles(tile_maps.float(), grid_cuts_from_pixel_cuts(cuts), tuple(features.shape[-2:]))
         p_class_loss, re_loss = puzzle_losses(features.float(), stitched, tasks.image_index, tasks.targets,
                                               args.re_loss, args.re_loss_option == "masking")
-        centre = torch.tensor([height / 2, width / 2], device=cuts.device)
         num_tasks = zero + len(tasks)
-        distance = (cuts.float() - centre).norm(dim=1).mean() if len(tasks) else zero
+        # from Python scalars: no host-to-device copy, no sync
+        distance = torch.hypot(cuts[:, 0] - height / 2, cuts[:, 1] - width / 2).mean() if len(tasks) else zero
     loss = class_loss + args.alpha_p * p_class_loss + alpha_re * re_loss
     stats = torch.stack([loss.detach(), class_loss.detach(), p_class_loss.detach(), re_loss.detach(),
                          num_tasks, distance])
@@ -508,7 +508,7 @@ def train(args: argparse.Namespace) -> dict:
                     scaler.scale(loss / args.accum_steps).backward()
                 window += stats / args.accum_steps
                 first_bad = ~torch.isfinite(stats[:4]).all() & (bad[0] < 0)
-                bad.copy_(torch.where(first_bad, torch.cat([stats.new_tensor([iteration]), stats]), bad))
+                bad.copy_(torch.where(first_bad, torch.cat([stats.new_full((1,), iteration), stats]), bad))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
