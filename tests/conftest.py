@@ -14,3 +14,15 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+import pytest  # noqa: E402
+
+from tools.demo_data import generate_demo_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_voc(tmp_path_factory) -> Path:
+    """A tiny VOC-format set (16 train + 10 val images, 48-64 px) for smoke runs; treat as read-only."""
+    return generate_demo_dataset(tmp_path_factory.mktemp("voc") / "tiny", num_train=16, num_val=10,
+                                 min_side=48, max_side=64, seed=1)

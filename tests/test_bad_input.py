@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.demo_data import generate_demo_dataset
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_classification_with_puzzle_cMax_ema.py")
 FLAGS = ["--train_split", "main:train", "--val_split", "main:val", "--architecture", "resnet18", "--mode", "normal",
          "--pretrained", "none", "--image_size", "64", "--min_image_size", "48", "--max_image_size", "80",
          "--batch_size", "4", "--num_workers", "1", "--momentum", "0.9", "--lr", "0.01", "--max_iterations", "1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_voc(tmp_path_factory) -> Path:
-    return generate_demo_dataset(tmp_path_factory.mktemp("voc") / "tiny", num_train=16, num_val=10,
-                                 min_side=48, max_side=64, seed=1)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from tools.checkpoint import save_checkpoint, write_json
-from tools.demo_data import generate_demo_dataset
 from tools.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,12 +19,6 @@ FLAGS = ["--train_split", "main:train", "--val_split", "main:val", "--architectu
          "--pretrained", "none", "--image_size", "64", "--min_image_size", "48", "--max_image_size", "80",
          "--batch_size", "4", "--num_workers", "0", "--momentum", "0.9", "--lr", "0.01", "--min_distance", "8",
          "--max_epoch", "2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_voc(tmp_path_factory) -> Path:
-    return generate_demo_dataset(tmp_path_factory.mktemp("voc") / "tiny", num_train=16, num_val=10,
-                                 min_side=48, max_side=64, seed=1)
 
 
 def command(tiny_voc: Path, out: Path, tag: str, *extra: str) -> list[str]:

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.demo_data import generate_demo_dataset
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "train_classification.py": "none",
@@ -22,12 +20,6 @@ SCRIPTS = {
 TINY = ["--train_split", "main:train", "--val_split", "main:val", "--architecture", "resnet18", "--mode", "normal",
         "--pretrained", "none", "--image_size", "64", "--min_image_size", "48", "--max_image_size", "80",
         "--batch_size", "4", "--num_workers", "0", "--momentum", "0.9", "--lr", "0.01", "--min_distance", "8"]
-
-
-@pytest.fixture(scope="session")
-def tiny_voc(tmp_path_factory) -> Path:
-    return generate_demo_dataset(tmp_path_factory.mktemp("voc") / "tiny", num_train=16, num_val=10,
-                                 min_side=48, max_side=64, seed=1)
 
 
 def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,41 @@
+"""The training-speed benchmark runs end to end and prints a well-formed table (no timing assertions)."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data", "random", "--image_size", "64", "--batch_size", "4", "--iterations", "1", "--warmup", "1",
+        "--repeats", "1", "--strategies", "none,ctopk_w", "--device", "cpu", "--format", "markdown"]
+
+
+def table_rows(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Header cells and {strategy: cells} of the first markdown table in the output."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    header, rows = cells[0], cells[1:]
+    return header, {row[0]: row for row in rows}
+
+
+def number(cell: str) -> float:
+    return float(cell.rstrip("%x"))
+
+
+def test_benchmark_prints_both_strategies_with_ratios(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_speed.py"), *TINY], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch:" in out.stdout and "machine:" in out.stdout
+    header, rows = table_rows(out.stdout)
+    assert set(rows) == {"none", "ctopk_w"}
+    column = {name: i for i, name in enumerate(header)}
+    assert {"ms/it", "it/s", "img/s", "T", "peak MiB", "t/none", "ideal/none", "dev/none"} <= set(column)
+    for name, row in rows.items():
+        for key in ("ms/it", "it/s", "img/s", "peak MiB", "t/none", "ideal/none"):
+            value = number(row[column[key]])
+            assert math.isfinite(value) and value > 0, (name, key, row)
+        assert math.isfinite(number(row[column["dev/none"]]))
+    assert number(rows["none"][column["t/none"]]) == 1.0 and number(rows["none"][column["T"]]) == 0.0
+    tasks = number(rows["ctopk_w"][column["T"]])
+    assert 1.0 <= tasks <= 4.0  # 1-4 labels per image, one task each
+    assert abs(number(rows["ctopk_w"][column["ideal/none"]]) - round((3 + tasks) / 3, 2)) <= 0.011
