@@ -24,5 +24,4 @@ def update_teacher(teacher: nn.Module, student: nn.Module, step: int, alpha_ema:
     """teacher <- a * teacher + (1 - a) * student for every parameter; buffers are copied."""
     a = ema_momentum(step, alpha_ema)
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1.0 - a)
-    for t_buf, s_buf in zip(teacher.buffers(), student.buffers()):
-        t_buf.copy_(s_buf)
+    torch._foreach_copy_(list(teacher.buffers()), list(student.buffers()))

@@ -229,10 +229,16 @@ def patch_features(network: nn.Module, tiles: torch.Tensor, chunk: int, no_grad:
 @dataclass
 class StepContext:
     strategy: Strategy
-    student: nn.Module
-    teacher: nn.Module | None
+    student: nn.Module  # as called: maybe wrapped in DDP / DataParallel
+    teacher: nn.Module | None  # the patch network when it is the EMA teacher (maybe wrapped)
     args: argparse.Namespace
     autocast: dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    base_lrs: list[float]
+    device: torch.device
+    distributed: bool = False
+    channels_last: bool = False  # the trainer uses it on CUDA
 
 
 def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
@@ -265,6 +271,35 @@ def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
     stats = torch.stack([loss.detach(), class_loss.detach(), p_class_loss.detach(), re_loss.detach(),
                          num_tasks, distance])
     return loss, stats
+
+
+def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int) -> torch.Tensor:
+    """One optimizer step of iteration `iteration` of `total` over its micro-batches [(images, labels)]:
+    poly lr and alpha_re, forward/backward of each micro-batch, the step, the EMA teacher update.
+    Returns the micro-batch mean of forward_losses' stats, on the device (no sync)."""
+    factor = poly_lr_factor(iteration, total)
+    for group, lr0 in zip(ctx.optimizer.param_groups, ctx.base_lrs):
+        group["lr"] = lr0 * factor
+    alpha_re = alpha_re_at(ctx.args, iteration, total)
+    count = len(micro_batches)
+    mean_stats = 0.0
+    for micro, (images, labels_cpu) in enumerate(micro_batches):
+        images = images.to(ctx.device, non_blocking=True)
+        if ctx.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels_cpu.to(ctx.device, non_blocking=True)
+        # DDP: all-reduce the gradients only once, after the last micro-batch
+        no_sync = ctx.distributed and micro < count - 1
+        with ctx.student.no_sync() if no_sync else contextlib.nullcontext():
+            loss, stats = forward_losses(ctx, images, labels, labels_cpu, alpha_re)
+            ctx.scaler.scale(loss / count).backward()
+        mean_stats = mean_stats + stats / count
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.teacher is not None:
+        update_teacher(unwrap(ctx.teacher), unwrap(ctx.student), iteration, ctx.args.alpha_ema)
+    return mean_stats
 
 
 def alpha_re_at(args: argparse.Namespace, iteration: int, total: int) -> float:
@@ -440,7 +475,8 @@ def train(args: argparse.Namespace) -> dict:
     writer = make_writer(files.root / "tensorboard" / args.tag) if runtime.is_main else None  # optional extra
     ddp_student = wrap_for_devices(student, runtime, trainable=True)
     patch_teacher = wrap_for_devices(teacher, runtime, trainable=False) if teacher is not None else None
-    ctx = StepContext(strategy, ddp_student, patch_teacher, args, autocast)
+    ctx = StepContext(strategy, ddp_student, patch_teacher, args, autocast, optimizer, scaler, base_lrs,
+                      runtime.device, runtime.distributed, channels_last=runtime.device.type == "cuda")
     log_every = max(1, int(iters_per_epoch * args.print_ratio))
     window = torch.zeros(6, device=runtime.device)
     window_steps, window_start = 0, time.time()
@@ -491,29 +527,11 @@ def train(args: argparse.Namespace) -> dict:
                 epoch = iteration // iters_per_epoch
                 sampler.set_epoch(epoch, iteration % iters_per_epoch)
                 batches = iter(loader)
-            factor = poly_lr_factor(iteration, total)
-            for group, lr0 in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = lr0 * factor
-            alpha_re = alpha_re_at(args, iteration, total)
-            for micro in range(args.accum_steps):
-                images, labels_cpu, _ = next(batches)
-                images = images.to(runtime.device, non_blocking=True)
-                if runtime.device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = labels_cpu.to(runtime.device, non_blocking=True)
-                last_micro = micro == args.accum_steps - 1
-                sync = ddp_student.no_sync() if (runtime.distributed and not last_micro) else contextlib.nullcontext()
-                with sync:
-                    loss, stats = forward_losses(ctx, images, labels, labels_cpu, alpha_re)
-                    scaler.scale(loss / args.accum_steps).backward()
-                window += stats / args.accum_steps
-                first_bad = ~torch.isfinite(stats[:4]).all() & (bad[0] < 0)
-                bad.copy_(torch.where(first_bad, torch.cat([stats.new_full((1,), iteration), stats]), bad))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if teacher is not None:
-                update_teacher(teacher, student, iteration, args.alpha_ema)
+            micro_batches = [next(batches)[:2] for _ in range(args.accum_steps)]
+            stats = train_step(ctx, micro_batches, iteration, total)
+            window += stats
+            first_bad = ~torch.isfinite(stats[:4]).all() & (bad[0] < 0)
+            bad.copy_(torch.where(first_bad, torch.cat([stats.new_full((1,), iteration), stats]), bad))
             iteration += 1
             window_steps += 1
             progress.update(1)
@@ -524,6 +542,7 @@ def train(args: argparse.Namespace) -> dict:
             if iteration % log_every == 0 or iteration == stop_at:
                 check_finite()
                 mean = (window / window_steps).tolist()
+                alpha_re = alpha_re_at(args, iteration - 1, total)  # of the step just done
                 row = {"iteration": iteration, "epoch": round(iteration / iters_per_epoch, 3),
                        "lr": optimizer.param_groups[0]["lr"], **dict(zip(LOSS_TERMS, mean[:4])),
                        "alpha_re": alpha_re, "tasks_per_batch": mean[4], "keypoint_distance": mean[5],
