@@ -257,6 +257,8 @@ def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
                             (height, width), args.k, args.min_distance)
         cuts = clamp_keypoints(tasks.keypoints, height, width)
         tiles = split_at_keypoints(images, tasks.image_index, cuts)
+        # the same memory layout as the images, so that DDP's gradient buckets keep their layout
+        tiles = tiles.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
         use_teacher = args.patch_network == "teacher"
         network = ctx.teacher if use_teacher else ctx.student
         with torch.autocast(**ctx.autocast):
