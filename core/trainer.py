@@ -560,7 +560,10 @@ def train(args: argparse.Namespace) -> dict:
 
             if end_of_epoch or iteration == stop_at:
                 check_finite()
-                result = evaluate(ddp_student, val_set, val_targets, val_ignore, args, runtime, autocast, "val")
+                # the bare module under DDP: ranks may run different numbers of eval batches, so no
+                # collective may hide in the forward
+                eval_model = student if runtime.distributed else ddp_student
+                result = evaluate(eval_model, val_set, val_targets, val_ignore, args, runtime, autocast, "val")
                 record = {"epoch": round(iteration / iters_per_epoch, 3), "iteration": iteration,
                           "mAP": result["mAP"], "mAP_voc": result["mAP_voc"], "num_images": result["num_images"]}
                 if teacher is not None:

@@ -68,3 +68,19 @@ def test_bf16_autocast_runs_on_cpu(tiny_voc, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = history(tmp_path, "bf16")["train"]
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_torchrun_with_uneven_validation_shards(tiny_voc, tmp_path):
+    """9 val images over 2 ranks with eval batches of 4: rank 0 runs 2 batches, rank 1 one; no hang."""
+    ids = (tiny_voc / "ImageSets" / "Main" / "val.txt").read_text().split()[:9]
+    split = tmp_path / "val9.txt"
+    split.write_text("\n".join(ids) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = [f for f in FLAGS]
+    flags[flags.index("--max_iterations") + 1] = "1"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", SCRIPT,
+                          "--data_dir", str(tiny_voc), *flags, "--val_split", str(split), "--eval_batch_size", "4",
+                          "--output_dir", str(tmp_path), "--tag", "uneven"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert history(tmp_path, "uneven")["validation"][-1]["num_images"] == 9
