@@ -550,6 +550,8 @@ def train(args: argparse.Namespace) -> dict:
                        "alpha_re": alpha_re, "tasks_per_batch": mean[4], "keypoint_distance": mean[5],
                        "seconds_per_iteration": (time.time() - window_start) / window_steps}
                 history.train.append(row)
+                if runtime.is_main:  # the JSON history follows the log, for live monitoring
+                    write_json(history.as_dict(), files.history)
                 log(f"[{iteration}/{total}] epoch {row['epoch']:.2f} lr {row['lr']:.4g} loss {row['loss']:.4f} "
                     f"class {row['class_loss']:.4f} p_class {row['p_class_loss']:.4f} re {row['re_loss']:.4f} "
                     f"alpha_re {alpha_re:.3f} tasks/batch {row['tasks_per_batch']:.1f} "
