@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from core.builder import OUTPUT_STRIDE
-from core.config import OneLineParser
+from core.config import AMP_DTYPES, OneLineParser, choose_device
+from core.config import autocast_settings as core_autocast_settings
 from tools.augment import EvalTransform
 from tools.errors import UserError, run_cli
 from tools.inspect_utils import (
     LoadedRun,
     add_run_args,
-    choose_device,
     data_root,
     default_split,
     load_run,
@@ -39,8 +39,6 @@ from tools.inspect_utils import (
 )
 from tools.metrics import mean_average_precision
 from tools.voc import VOC_CLASSES, VOCClassification, difficult_matrix, labels_matrix, load_split
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +79,7 @@ def autocast_settings(amp: str, config: dict, device: torch.device) -> dict:
             amp = "off"
     elif amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
-    dtype = AMP_DTYPES[amp]
-    return {"device_type": device.type, "dtype": dtype, "enabled": dtype is not None}
+    return core_autocast_settings(device, amp)
 
 
 @torch.no_grad()

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.config import OneLineParser
+from core.config import OneLineParser, choose_device
 from tools.errors import UserError, run_cli
 from tools.inspect_utils import (
     add_run_args,
     cam_overlay,
-    choose_device,
     denormalize,
     eval_input,
     load_run,

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from core.config import OneLineParser
+from core.config import OneLineParser, choose_device
 from core.keypoints import top_k_peaks
 from core.puzzle import clamp_keypoints, split_at_keypoints
 from core.strategies import STRATEGIES, build_tasks
@@ -30,7 +30,6 @@ from tools.errors import UserError, run_cli
 from tools.inspect_utils import (
     add_run_args,
     cam_overlay,
-    choose_device,
     data_root,
     default_split,
     denormalize,

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from core.builder import Classifier  # noqa: E402
-from core.config import DEMO_DEFAULTS, parse_args  # noqa: E402
+from core.config import DEMO_DEFAULTS, autocast_settings, parse_args  # noqa: E402
 from core.ema import make_teacher  # noqa: E402
 from core.strategies import STRATEGIES  # noqa: E402
 from core.trainer import (  # noqa: E402
@@ -292,12 +292,6 @@ class Run:
     added_mib: float = 0.0
 
 
-def autocast_kwargs(device: torch.device, amp: str) -> dict:
-    """The trainer's autocast dict (built inline in core.trainer.train)."""
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return {"device_type": device.type, "dtype": dtype, "enabled": dtype is not None}
-
-
 def build_run(name: str, variant: Variant, args: argparse.Namespace, runtime: Runtime, total: int) -> Run:
     """Model, teacher, optimizer and scaler of one strategy, built as core.trainer.train builds them."""
     torch.manual_seed(args.seed)  # every strategy starts from the same weights
@@ -311,7 +305,7 @@ def build_run(name: str, variant: Variant, args: argparse.Namespace, runtime: Ru
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     ctx = StepContext(strategy, wrap_for_devices(student, runtime, trainable=True),
                       wrap_for_devices(teacher, runtime, trainable=False) if teacher is not None else None,
-                      args, autocast_kwargs(runtime.device, args.amp), optimizer, scaler,
+                      args, autocast_settings(runtime.device, args.amp), optimizer, scaler,
                       [g["lr"] for g in optimizer.param_groups], runtime.device, runtime.distributed,
                       channels_last=variant.channels_last)
     student.train()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from core.builder import ARCHITECTURES, BN_MODES
 from core.strategies import STRATEGIES
 from tools.errors import UserError
@@ -18,6 +20,30 @@ DEMO_DEFAULTS = dict(
     max_image_size=160, batch_size=16, max_epoch=6, alpha_schedule_re=1.0, num_workers=1, min_distance=5,
     train_split="main:train", val_split="main:val", print_ratio=0.25,
 )
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_device(name: str) -> torch.device:
+    """auto = CUDA when available, else CPU; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def autocast_settings(device: torch.device, amp: str) -> dict:
+    """torch.autocast keyword arguments for --amp off|bf16|fp16 on `device`."""
+    dtype = AMP_DTYPES[amp]
+    return {"device_type": device.type, "dtype": dtype, "enabled": dtype is not None}
 
 
 def str2bool(value: str) -> bool:

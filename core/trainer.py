@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.builder import Classifier, make_cams, parameter_groups, poly_lr_factor
-from core.config import parse_args
+from core.config import autocast_settings, choose_device, parse_args
 from core.ema import make_teacher, update_teacher
 from core.losses import classification_loss, puzzle_losses
 from core.puzzle import clamp_keypoints, grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
@@ -59,18 +59,13 @@ class Runtime:
 
 def setup_runtime(args: argparse.Namespace) -> Runtime:
     """Pick the device; under torchrun, join the process group (NCCL on CUDA, gloo on CPU)."""
-    want = args.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    if args.amp == "fp16" and not want.startswith("cuda"):
+    device = choose_device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on the CPU")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if want == "cuda":
-        want = f"cuda:{local_rank}" if world_size > 1 else "cuda"
-    device = torch.device(want)
+    if device.type == "cuda" and device.index is None and world_size > 1:
+        device = torch.device("cuda", local_rank)
     if args.batch_size % (world_size * args.accum_steps):
         raise UserError(
             f"--batch_size {args.batch_size} is not divisible by world size {world_size} x --accum_steps "
@@ -211,6 +206,12 @@ class History:
 
     def as_dict(self) -> dict:
         return {"config": self.config, "train": self.train, "validation": self.validation, **self.extra}
+
+    @classmethod
+    def from_dict(cls, saved: dict, config: dict) -> History:
+        """Continue a saved history under the current config (the keys beyond the three lists are extras)."""
+        extra = {k: v for k, v in saved.items() if k not in ("config", "train", "validation")}
+        return cls(config=config, train=saved["train"], validation=saved["validation"], extra=extra)
 
 
 # ----------------------------------------------------------------------------- model step
@@ -448,8 +449,7 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = build_optimizer(student, args)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    autocast = {"device_type": runtime.device.type, "dtype": amp_dtype, "enabled": amp_dtype is not None}
+    autocast = autocast_settings(runtime.device, args.amp)
 
     history = History(config=vars(args).copy())
     start_iteration, best_map = 0, -1.0
@@ -457,8 +457,7 @@ def train(args: argparse.Namespace) -> dict:
         ckpt = restart_from_checkpoint(files.checkpoint("last"), model=student, teacher=teacher,
                                        optimizer=optimizer, scaler=scaler)
         start_iteration, best_map = ckpt["iteration"], ckpt["best_mAP"]
-        history = History(config=vars(args).copy(), train=ckpt["history"]["train"],
-                          validation=ckpt["history"]["validation"], extra=ckpt["history"].get("extra", {}))
+        history = History.from_dict(ckpt["history"], config=vars(args).copy())
         set_rng_states(ckpt["rng"])
     chance = chance_map(val_targets)
     history.extra.update({"chance_mAP": chance, "strategy_summary": strategy.summary, "script": Path(sys.argv[0]).name,
@@ -491,7 +490,7 @@ def train(args: argparse.Namespace) -> dict:
         return {"model": student.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
                 "epoch": iteration / iters_per_epoch, "best_mAP": best_map, "config": vars(args).copy(),
-                "history": history.as_dict() | {"extra": history.extra}, "rng": rng_states()}
+                "history": history.as_dict(), "rng": rng_states()}
 
     def check_finite() -> None:
         values = bad.tolist()

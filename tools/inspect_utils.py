@@ -39,21 +39,6 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
-def choose_device(name: str) -> torch.device:
-    """auto = CUDA when available, else CPU; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
 def safe_name(text: str) -> str:
     """A split name or label as a file-name part: 'main:val' -> 'main_val', a list path -> its stem."""
     if text.endswith(".txt") or "/" in text or "\\" in text:
