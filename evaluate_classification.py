@@ -26,9 +26,7 @@ from torch.utils.data import DataLoader
 from core.builder import OUTPUT_STRIDE
 from core.config import AMP_DTYPES, OneLineParser, choose_device
 from core.config import autocast_settings as core_autocast_settings
-from tools.augment import EvalTransform
-from tools.errors import UserError, run_cli
-from tools.inspect_utils import (
+from core.inspection import (
     LoadedRun,
     add_run_args,
     data_root,
@@ -37,6 +35,8 @@ from tools.inspect_utils import (
     make_folder,
     safe_name,
 )
+from tools.augment import EvalTransform
+from tools.errors import UserError, run_cli
 from tools.metrics import mean_average_precision
 from tools.voc import VOC_CLASSES, VOCClassification, difficult_matrix, labels_matrix, load_split
 

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from core.config import OneLineParser, choose_device
-from tools.errors import UserError, run_cli
-from tools.inspect_utils import (
+from core.inspection import (
     add_run_args,
     cam_overlay,
     denormalize,
@@ -26,6 +25,7 @@ from tools.inspect_utils import (
     safe_name,
     save_png,
 )
+from tools.errors import UserError, run_cli
 from tools.voc import VOC_CLASSES
 
 PROTOCOL = ("Each image is resized so that its long side is the run's --image_size (bicubic), then normalised and "

@@ -23,11 +23,7 @@ import numpy as np
 import torch
 
 from core.config import OneLineParser, choose_device
-from core.keypoints import top_k_peaks
-from core.puzzle import clamp_keypoints, split_at_keypoints
-from core.strategies import STRATEGIES, build_tasks
-from tools.errors import UserError, run_cli
-from tools.inspect_utils import (
+from core.inspection import (
     add_run_args,
     cam_overlay,
     data_root,
@@ -41,6 +37,10 @@ from tools.inspect_utils import (
     safe_name,
     save_png,
 )
+from core.keypoints import top_k_peaks
+from core.puzzle import clamp_keypoints, split_at_keypoints
+from core.strategies import STRATEGIES, build_tasks
+from tools.errors import UserError, run_cli
 from tools.voc import VOC_CLASSES, load_rgb_image, load_split
 
 # strategy -> (legend label, cv2 marker, RGB colour); drawn in this order

@@ -36,17 +36,11 @@ import torch.nn as nn  # noqa: E402
 
 from core.builder import Classifier  # noqa: E402
 from core.config import DEMO_DEFAULTS, autocast_settings, parse_args  # noqa: E402
+from core.data import EpochBatchSampler  # noqa: E402
 from core.ema import make_teacher  # noqa: E402
+from core.runtime import Runtime, setup_runtime, wrap_for_devices  # noqa: E402
+from core.step import StepContext, build_optimizer, train_step  # noqa: E402
 from core.strategies import STRATEGIES  # noqa: E402
-from core.trainer import (  # noqa: E402
-    EpochBatchSampler,
-    Runtime,
-    StepContext,
-    build_optimizer,
-    setup_runtime,
-    train_step,
-    wrap_for_devices,
-)
 from tools.augment import TrainTransform  # noqa: E402
 from tools.demo_data import default_demo_root, generate_demo_dataset  # noqa: E402
 from tools.errors import UserError, run_cli  # noqa: E402

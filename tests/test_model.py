@@ -79,7 +79,7 @@ def test_poly_schedule_and_reference_optimizer():
     assert poly_lr_factor(50, 100) == pytest.approx(0.5**0.9)
     assert poly_lr_factor(99, 100) == pytest.approx(0.01**0.9)
     from core.config import parse_args
-    from core.trainer import build_optimizer
+    from core.step import build_optimizer
 
     args = parse_args({}, ["--data_dir", "x"])
     opt = build_optimizer(Classifier("resnet18", pretrained="none"), args)

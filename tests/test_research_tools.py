@@ -26,10 +26,10 @@ import visualize_cams
 from core.builder import Classifier, make_cams
 from core.keypoints import peak_mean_keypoints, upsample_maps
 from core.puzzle import clamp_keypoints
+from core.tb_logging import cam_overlays, close_writer, log_cam_images, log_scalars, make_writer
 from tools.augment import EvalTransform, long_side_size
 from tools.demo_data import generate_demo_dataset
 from tools.metrics import mean_average_precision
-from tools.tb_logging import cam_overlays, close_writer, log_cam_images, log_scalars, make_writer
 from tools.voc import VOC_CLASSES, difficult_matrix, labels_matrix, load_rgb_image, load_split
 
 ROOT = Path(__file__).resolve().parents[1]

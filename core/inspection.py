@@ -22,6 +22,7 @@ from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_
 from tools.checkpoint import load_checkpoint
 from tools.demo_data import default_demo_root, generate_demo_dataset
 from tools.errors import UserError
+from tools.run_files import RunFiles
 from tools.voc import BadImageError, load_rgb_image, resolve_voc_root
 
 CHECKPOINT_NAMES = ("best", "last")
@@ -49,9 +50,6 @@ def safe_name(text: str) -> str:
 # ----------------------------------------------------------------------------- checkpoints
 def run_files(output_dir: str | Path, tag: str):
     """The trainer's RunFiles layout (models/<tag>_{best,last}.pth, data/<tag>.json, ...)."""
-    # Imported here, not at the top: core.trainer may import tools.tb_logging, which imports this module.
-    from core.trainer import RunFiles
-
     return RunFiles(Path(output_dir), tag)
 
 

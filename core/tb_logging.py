@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.inspection import cam_overlay, denormalize
 from core.keypoints import upsample_maps
-from tools.inspect_utils import cam_overlay, denormalize
 
 
 def make_writer(log_dir: str | Path) -> Any | None:

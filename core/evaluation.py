@@ -1,0 +1,69 @@
+"""Validation during training: scores of every image of the split, gathered over ranks, and both mAPs."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from core.builder import make_cams
+from core.runtime import Runtime
+from core.tb_logging import log_cam_images
+from tools.metrics import mean_average_precision
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, indices: list[int], args: argparse.Namespace, runtime: Runtime,
+            autocast: dict, desc: str) -> np.ndarray:
+    """Logits of `indices` (in that order) with the evaluation transform."""
+    model.eval()
+    batches = [indices[i:i + args.eval_batch_size] for i in range(0, len(indices), args.eval_batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
+                        pin_memory=runtime.device.type == "cuda")
+    scores = []
+    for images, _, _ in tqdm(loader, desc=desc, leave=False, disable=not runtime.is_main, dynamic_ncols=True):
+        images = images.to(runtime.device, non_blocking=True)
+        if runtime.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(**autocast):
+            logits, _ = model(images)
+        scores.append(logits.float().cpu())
+    model.train()
+    return torch.cat(scores).numpy() if scores else np.zeros((0, 20), np.float32)
+
+
+def evaluate(model: nn.Module, dataset, targets: np.ndarray, ignore: np.ndarray, args: argparse.Namespace,
+             runtime: Runtime, autocast: dict, desc: str = "eval") -> dict:
+    """mAP (reference AP) and mAP_voc (devkit AP) over every image of the split, each counted once."""
+    n = len(dataset)
+    shard = list(range(runtime.rank, n, runtime.world_size))
+    scores = predict(model, dataset, shard, args, runtime, autocast, desc)
+    if runtime.distributed:
+        gathered = [None] * runtime.world_size
+        dist.all_gather_object(gathered, (shard, scores))
+        full = np.zeros((n, targets.shape[1]), np.float32)
+        seen = np.zeros(n, np.int64)
+        for idx, part in gathered:
+            full[idx] = part
+            seen[idx] += 1
+        assert (seen == 1).all(), "every validation image must be scored exactly once"
+        scores = full
+    m_ref, ap_ref = mean_average_precision(scores, targets, kind="reference")
+    m_voc, ap_voc = mean_average_precision(scores, targets, ignore=ignore, kind="voc")
+    return {"mAP": m_ref, "mAP_voc": m_voc, "ap": ap_ref.tolist(), "ap_voc": ap_voc.tolist(), "num_images": n}
+
+
+@torch.no_grad()
+def log_val_cams(writer, iteration: int, model: nn.Module, dataset, device: torch.device, count: int = 4) -> None:
+    """TensorBoard: CAMs (max over each image's labelled classes) of the first validation images."""
+    images, labels, _ = zip(*(dataset[i] for i in range(min(count, len(dataset)))))
+    images, labels = torch.stack(images).to(device), torch.stack(labels).to(device)
+    model.eval()
+    _, features = model(images)
+    model.train()
+    merged = (make_cams(features.float()) * labels[:, :, None, None]).amax(dim=1)
+    log_cam_images(writer, iteration, images, merged)

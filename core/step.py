@@ -1,0 +1,145 @@
+"""One optimisation step: the classification loss plus the strategy's puzzle tasks, then the EMA teacher.
+
+`build_step` makes everything a step needs (student, teacher, optimiser, scaler); `train_step`
+runs one iteration. The training loop and benchmarks/train_speed.py both use these two.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from core.builder import Classifier, make_cams, parameter_groups, poly_lr_factor
+from core.config import autocast_settings
+from core.ema import make_teacher, update_teacher
+from core.losses import classification_loss, puzzle_losses
+from core.puzzle import clamp_keypoints, grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
+from core.runtime import Runtime, unwrap, wrap_for_devices
+from core.strategies import STRATEGIES, Strategy, build_tasks
+
+LOSS_TERMS = ("loss", "class_loss", "p_class_loss", "re_loss")
+
+
+@dataclass
+class StepContext:
+    strategy: Strategy
+    student: nn.Module  # as called: maybe wrapped in DDP / DataParallel
+    teacher: nn.Module | None  # the patch network when it is the EMA teacher (maybe wrapped)
+    args: argparse.Namespace
+    autocast: dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    base_lrs: list[float]
+    device: torch.device
+    distributed: bool = False
+    channels_last: bool = False  # used on CUDA
+
+    @property
+    def bare_student(self) -> nn.Module:
+        return unwrap(self.student)
+
+    @property
+    def bare_teacher(self) -> nn.Module | None:
+        return unwrap(self.teacher) if self.teacher is not None else None
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.SGD:
+    return torch.optim.SGD(parameter_groups(model, args.lr, args.wd), lr=args.lr, momentum=args.momentum,
+                           nesterov=args.nesterov)
+
+
+def build_step(args: argparse.Namespace, runtime: Runtime) -> StepContext:
+    """Student, EMA teacher (strategies that cut through it), optimiser and scaler, on the run's device."""
+    strategy = STRATEGIES[args.strategy]
+    student = Classifier(args.architecture, mode=args.mode, pretrained=args.pretrained).to(runtime.device)
+    teacher = make_teacher(student) if (strategy.puzzle and args.patch_network == "teacher") else None
+    channels_last = runtime.device.type == "cuda"
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+    optimizer = build_optimizer(student, args)
+    return StepContext(
+        strategy, wrap_for_devices(student, runtime, trainable=True),
+        wrap_for_devices(teacher, runtime, trainable=False) if teacher is not None else None,
+        args, autocast_settings(runtime.device, args.amp), optimizer,
+        torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"), [g["lr"] for g in optimizer.param_groups],
+        runtime.device, runtime.distributed, channels_last)
+
+
+def patch_features(network: nn.Module, tiles: torch.Tensor, chunk: int, no_grad: bool) -> torch.Tensor:
+    """Class maps of all tiles, in chunks of `chunk` tiles when memory needs it (0 = one forward)."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad):
+        if chunk <= 0 or tiles.shape[0] <= chunk:
+            return network(tiles)[1]
+        return torch.cat([network(part)[1] for part in torch.split(tiles, chunk)])
+
+
+def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
+                   alpha_re: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total loss of a micro-batch and its stats [loss, class, p_class, re, tasks, keypoint distance]."""
+    args = ctx.args
+    with torch.autocast(**ctx.autocast):
+        logits, features = ctx.student(images)
+        class_loss = classification_loss(logits.float(), labels)
+    zero = class_loss.detach() * 0
+    p_class_loss = re_loss = zero
+    num_tasks, distance = zero, zero
+    if ctx.strategy.puzzle:
+        height, width = images.shape[-2:]
+        tasks = build_tasks(ctx.strategy, make_cams(features.detach().float()), labels, labels_cpu,
+                            (height, width), args.k, args.min_distance)
+        cuts = clamp_keypoints(tasks.keypoints, height, width)
+        tiles = split_at_keypoints(images, tasks.image_index, cuts)
+        # the same memory layout as the images, so that DDP's gradient buckets keep their layout
+        tiles = tiles.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+        use_teacher = args.patch_network == "teacher"
+        network = ctx.teacher if use_teacher else ctx.student
+        with torch.autocast(**ctx.autocast):
+            tile_maps = patch_features(network, tiles, args.patch_chunk, no_grad=use_teacher)
+        stitched = stitch_tiles(tile_maps.float(), grid_cuts_from_pixel_cuts(cuts), tuple(features.shape[-2:]))
+        p_class_loss, re_loss = puzzle_losses(features.float(), stitched, tasks.image_index, tasks.targets,
+                                              args.re_loss, args.re_loss_option == "masking")
+        num_tasks = zero + len(tasks)
+        # from Python scalars: no host-to-device copy, no sync
+        distance = torch.hypot(cuts[:, 0] - height / 2, cuts[:, 1] - width / 2).mean() if len(tasks) else zero
+    loss = class_loss + args.alpha_p * p_class_loss + alpha_re * re_loss
+    stats = torch.stack([loss.detach(), class_loss.detach(), p_class_loss.detach(), re_loss.detach(),
+                         num_tasks, distance])
+    return loss, stats
+
+
+def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int) -> torch.Tensor:
+    """One optimizer step of iteration `iteration` of `total` over its micro-batches [(images, labels)]:
+    poly lr and alpha_re, forward/backward of each micro-batch, the step, the EMA teacher update.
+    Returns the micro-batch mean of forward_losses' stats, on the device (no sync)."""
+    factor = poly_lr_factor(iteration, total)
+    for group, lr0 in zip(ctx.optimizer.param_groups, ctx.base_lrs):
+        group["lr"] = lr0 * factor
+    alpha_re = alpha_re_at(ctx.args, iteration, total)
+    count = len(micro_batches)
+    mean_stats = 0.0
+    for micro, (images, labels_cpu) in enumerate(micro_batches):
+        images = images.to(ctx.device, non_blocking=True)
+        if ctx.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels_cpu.to(ctx.device, non_blocking=True)
+        # DDP: all-reduce the gradients only once, after the last micro-batch
+        no_sync = ctx.distributed and micro < count - 1
+        with ctx.student.no_sync() if no_sync else contextlib.nullcontext():
+            loss, stats = forward_losses(ctx, images, labels, labels_cpu, alpha_re)
+            ctx.scaler.scale(loss / count).backward()
+        mean_stats = mean_stats + stats / count
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.teacher is not None:
+        update_teacher(ctx.bare_teacher, ctx.bare_student, iteration, ctx.args.alpha_ema)
+    return mean_stats
+
+
+def alpha_re_at(args: argparse.Namespace, iteration: int, total: int) -> float:
+    """alpha_re(t) = min(alpha_re * t / (T * alpha_schedule_re), alpha_re)."""
+    return min(args.alpha_re * iteration / (total * args.alpha_schedule_re), args.alpha_re)
