@@ -3,17 +3,26 @@
 A transform maps (PIL RGB image, numpy Generator) to a CHW float32 tensor. All randomness comes
 from the generator passed in, so a training sample is a pure function of its seed, whatever the
 worker or process that builds it.
+
+`augment` adds the reference's optional PIL-stage ops between flip and normalisation: torchvision's
+ColorJitter(0.3, 0.3, 0.3, 0.1) with its factors drawn from the generator, then FixMatch's
+RandAugmentMC(2, 10) (tools/randaugment.py, which lists where it departs from FixMatch).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from tools.errors import UserError
+from tools.randaugment import RandAugmentMC
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# The reference tests substrings of --augment; we accept exactly these and apply colorjitter first.
+AUGMENT_CHOICES: tuple[str, ...] = ("", "colorjitter", "randaugment", "colorjitter+randaugment")
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
 _STD = np.asarray(IMAGENET_STD, dtype=np.float32)
@@ -72,27 +81,80 @@ def _check_sizes(**sizes: int) -> None:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
-class TrainTransform:
-    """Long side uniform in [min_size, max_size] (bicubic), flip p=0.5, normalise, random crop with 0 pad."""
+class ColorJitter:
+    """torchvision's ColorJitter on a PIL image, its factors and order drawn from a numpy Generator.
 
-    def __init__(self, image_size: int, min_size: int, max_size: int):
+    The draws follow ColorJitter.get_params: a random order of (brightness, contrast, saturation,
+    hue), then each factor uniform in its range; the adjust_* functions are torchvision's own.
+    """
+
+    _ADJUSTERS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+    def __init__(self, brightness: float = 0.3, contrast: float = 0.3, saturation: float = 0.3, hue: float = 0.1):
+        self.strengths = (brightness, contrast, saturation, hue)
+        # torchvision's ranges for scalar arguments: [max(0, 1 - x), 1 + x], and [-hue, hue].
+        self.ranges: tuple[tuple[float, float], ...] = (
+            *((max(0.0, 1 - x), 1 + x) for x in (brightness, contrast, saturation)), (-hue, hue))
+
+    def get_params(self, rng: np.random.Generator) -> tuple[list[int], list[float]]:
+        """(order of the four adjustments as indices, [brightness, contrast, saturation, hue] factors)."""
+        order = [int(i) for i in rng.permutation(4)]
+        return order, [float(rng.uniform(low, high)) for low, high in self.ranges]
+
+    @classmethod
+    def apply(cls, img: Image.Image, order: list[int], factors: list[float]) -> Image.Image:
+        for index in order:
+            img = cls._ADJUSTERS[index](img, factors[index])
+        return img
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        return self.apply(img, *self.get_params(rng))
+
+    def __repr__(self) -> str:
+        b, c, s, h = self.strengths
+        return f"ColorJitter(brightness={b}, contrast={c}, saturation={s}, hue={h})"
+
+
+def photometric_augmentations(augment: str) -> list[ColorJitter | RandAugmentMC]:
+    """The PIL-stage augmentations an --augment value names, in the reference's order."""
+    if augment not in AUGMENT_CHOICES:
+        valid = ", ".join(repr(choice) for choice in AUGMENT_CHOICES)
+        raise UserError(f"unknown --augment {augment!r}; valid values: {valid}")
+    steps: list[ColorJitter | RandAugmentMC] = []
+    if "colorjitter" in augment:
+        steps.append(ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1))
+    if "randaugment" in augment:
+        steps.append(RandAugmentMC(n=2, m=10))
+    return steps
+
+
+class TrainTransform:
+    """Long side uniform in [min_size, max_size] (bicubic), flip p=0.5, optional colour jitter and
+    RandAugment on the PIL image, normalise, random crop with 0 pad."""
+
+    def __init__(self, image_size: int, min_size: int, max_size: int, augment: str = ""):
         _check_sizes(image_size=image_size, min_size=min_size, max_size=max_size)
         if min_size > max_size:
             raise UserError(f"the minimum resize size ({min_size}) is larger than the maximum ({max_size})")
         self.image_size, self.min_size, self.max_size = int(image_size), int(min_size), int(max_size)
+        self.augment = augment
+        self.augmentations = photometric_augmentations(augment)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         if rng is None:
             raise ValueError("TrainTransform needs a numpy Generator: give the dataset (index, seed) keys")
         size = random_long_side_size(img.width, img.height, self.min_size, self.max_size, rng)
-        pixels = np.asarray(_rgb_pixels(img).resize(size, Image.BICUBIC))
+        img = _rgb_pixels(img).resize(size, Image.BICUBIC)
         if rng.random() < 0.5:
-            pixels = pixels[:, ::-1]
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for augmentation in self.augmentations:  # PIL stage: after resize and flip, before normalising
+            img = augmentation(img, rng)
+        pixels = np.asarray(img)
         return place_on_canvas(pixels, self.image_size, rng)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(image_size={self.image_size}, min_size={self.min_size}, "
-                f"max_size={self.max_size})")
+                f"max_size={self.max_size}, augment={self.augment!r})")
 
 
 class EvalTransform:
