@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.builder import Classifier, make_cams
+from core.builder import Classifier, classifier_from_config, make_cams
 from core.keypoints import upsample_maps
 from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_size
 from tools.checkpoint import load_checkpoint
@@ -104,7 +104,7 @@ def read_checkpoint(path: Path) -> dict:
 
 def build_classifier(config: dict, state: dict, device: torch.device) -> Classifier:
     """The run's network rebuilt from its config (no ImageNet download) with `state` loaded, in eval mode."""
-    model = Classifier(config.get("architecture", "resnet50"), mode=config.get("mode", "fix"), pretrained="none")
+    model = classifier_from_config(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -45,6 +45,12 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
             f"--batch_size {args.batch_size} is not divisible by world size {world_size} x --accum_steps "
             f"{args.accum_steps}; pick a multiple of {world_size * args.accum_steps}"
         )
+    micro, chunk = args.batch_size // (world_size * args.accum_steps), args.batch_size // args.reference_gpus
+    if micro > chunk and micro % chunk:
+        raise UserError(
+            f"each process's micro-batch ({micro} images) must hold whole BatchNorm chunks of --batch_size / "
+            f"--reference_gpus = {chunk} images; change --reference_gpus, --accum_steps or the number of processes"
+        )
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -81,6 +87,14 @@ def wrap_for_devices(model: nn.Module, runtime: Runtime, trainable: bool) -> nn.
     if not runtime.distributed and runtime.device.type == "cuda" and torch.cuda.device_count() > 1:
         return nn.DataParallel(model)
     return model
+
+
+def broadcast_buffers(model: nn.Module, runtime: Runtime) -> None:
+    """Give every rank rank 0's BatchNorm statistics (those of the reference's first chunk), as DDP does at
+    the start of its next forward; validation shards are scored by every rank, so they must agree first."""
+    if runtime.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -77,7 +77,8 @@ def call(main, argv: list[str], capsys) -> tuple[int, str, str]:
 
 def load_model(path: Path, key: str = "model") -> Classifier:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = Classifier(ckpt["config"]["architecture"], mode=ckpt["config"]["mode"], pretrained="none")
+    model = Classifier(ckpt["config"]["architecture"], mode=ckpt["config"]["mode"], pretrained="none",
+                       head=ckpt["config"]["head"])
     model.load_state_dict(ckpt[key])
     return model.eval()
 
