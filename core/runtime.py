@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from core.config import choose_device
+from tools.checkpoint import plain_rng_states, raw_rng_states
 from tools.errors import UserError
 
 
@@ -65,18 +66,21 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_states() -> dict:
+    """Every generator's state in plain form (lists, ints, tensors): a checkpoint stays weights_only-loadable."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    return plain_rng_states(states)
 
 
 def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    """Restore the states that rng_states() returned."""
+    raw = raw_rng_states(states)
+    random.setstate(raw["python"])
+    np.random.set_state(raw["numpy"])
+    torch.set_rng_state(raw["torch"])
+    if "cuda" in raw and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(raw["cuda"])
 
 
 def wrap_for_devices(model: nn.Module, runtime: Runtime, trainable: bool) -> nn.Module:

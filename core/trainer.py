@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +18,12 @@ from tqdm import tqdm
 from core.config import parse_args
 from core.data import RunData, build_data
 from core.evaluation import evaluate, log_val_cams
+from core.recipe import check_resume, check_stop, current_script
 from core.runtime import Runtime, broadcast_buffers, rng_states, seed_everything, set_rng_states, setup_runtime
 from core.step import LOSS_TERMS, StepContext, alpha_re_at, build_step, train_step
 from core.strategies import STRATEGIES
 from core.tb_logging import close_writer, log_scalars, make_writer
-from tools.checkpoint import restart_from_checkpoint, save_checkpoint, write_json
+from tools.checkpoint import load_checkpoint_and_hash, plain_values, restore_states, save_checkpoint, write_json
 from tools.errors import UserError, run_cli
 from tools.metrics import chance_map
 from tools.run_files import History, Logger, RunFiles
@@ -74,13 +74,21 @@ class Run:
 
     # ------------------------------------------------------------------------- checkpoints
     def restore(self) -> None:
-        ctx = self.ctx
-        ckpt = restart_from_checkpoint(self.files.checkpoint("last"), model=ctx.bare_student,
-                                       teacher=ctx.bare_teacher, optimizer=ctx.optimizer, scaler=ctx.scaler)
+        """Continue from <tag>_last.pth, refusing (before anything is restored or written) another
+        script or recipe; the resume and the loaded file's hash are recorded in the history."""
+        ctx, path = self.ctx, self.files.checkpoint("last")
+        ckpt, sha = load_checkpoint_and_hash(path)
+        changed = check_resume(ckpt, vars(self.args), current_script(), path)
+        check_stop(ckpt["iteration"], self.stop_at, self.total, path)
+        restore_states(ckpt, path, model=ctx.bare_student, teacher=ctx.bare_teacher, optimizer=ctx.optimizer,
+                       scaler=ctx.scaler)
         self.iteration, self.best_map = ckpt["iteration"], ckpt["best_mAP"]
         self.history = History.from_dict(ckpt["history"], config=vars(self.args).copy())
         self.wall_start = time.time() - self.history.extra.get("wall_time", 0.0)
         set_rng_states(ckpt["rng"])
+        self.record_checkpoint("last", sha)  # the file on disk; its own history could not hold its hash
+        self.history.extra.setdefault("resumes", []).append(
+            {"iteration": self.iteration, "checkpoint_sha256": sha, "changed": changed})
 
     def checkpoint_state(self) -> dict:
         ctx, teacher = self.ctx, self.ctx.bare_teacher
@@ -89,8 +97,15 @@ class Run:
                 "teacher": teacher.state_dict() if teacher is not None else None,
                 "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
                 "iteration": self.iteration, "epoch": self.iteration / self.iters_per_epoch,
-                "best_mAP": self.best_map, "config": vars(self.args).copy(), "history": self.history.as_dict(),
-                "rng": rng_states()}
+                "best_mAP": float(self.best_map), "config": plain_values(vars(self.args)), "script": current_script(),
+                "history": plain_values(self.history.as_dict()), "rng": rng_states()}
+
+    def record_checkpoint(self, which: str, sha: str) -> None:
+        """Provenance: the file's SHA-256 at the top of the history and beside this iteration's validation."""
+        self.history.extra.setdefault("checkpoint_sha256", {})[which] = sha
+        validation = self.history.validation
+        if validation and validation[-1]["iteration"] == self.iteration:
+            validation[-1].setdefault("checkpoints", {})[which] = sha
 
     def check_finite(self) -> None:
         values = self.bad.tolist()
@@ -113,7 +128,7 @@ class Run:
         self.check_finite()
         self.check_weights()
         if self.runtime.is_main:
-            save_checkpoint(self.checkpoint_state(), self.files.checkpoint(which))
+            self.record_checkpoint(which, save_checkpoint(self.checkpoint_state(), self.files.checkpoint(which)))
             if which == "last":
                 write_json(self.history.as_dict(), self.files.history)
 
@@ -123,7 +138,10 @@ class Run:
             return
         args, data, strategy = self.args, self.data, self.ctx.strategy
         if args.resume:
-            self.log(f"# resumed from {self.files.checkpoint('last')} at iteration {self.iteration}")
+            resume = self.history.extra["resumes"][-1]
+            changed = "".join(f"; {k} {old} → {new}" for k, (old, new) in resume["changed"].items())
+            self.log(f"# resumed from {self.files.checkpoint('last')} at iteration {self.iteration} "
+                     f"(sha256 {resume['checkpoint_sha256']}{changed})")
         else:
             self.log(describe_config(args, {"data_root": data.root, "train_images": len(data.train_set),
                                             "val_images": len(data.val_set), "world_size": self.runtime.world_size,
@@ -243,7 +261,7 @@ def train(args: argparse.Namespace) -> dict:
         run.restore()
     chance = chance_map(data.val_targets)
     run.history.extra.update({"chance_mAP": chance, "strategy_summary": strategy.summary,
-                              "script": Path(sys.argv[0]).name, "iterations_per_epoch": run.iters_per_epoch,
+                              "script": current_script(), "iterations_per_epoch": run.iters_per_epoch,
                               "total_iterations": run.total})
     run.log_header(chance)
     run.writer = make_writer(files.root / "tensorboard" / args.tag) if runtime.is_main else None  # optional

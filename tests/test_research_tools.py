@@ -285,7 +285,8 @@ def test_infer_labels_and_scores_match_a_direct_computation(run, capsys):
     code, out, err = call(infer.main, [*paths, "--tag", "tiny", "--output_dir", run.exp, "--threshold", threshold,
                                        "--save_cam", cams], capsys)
     assert code == 0, err
-    lines = out.strip().splitlines()
+    provenance, lines = out.strip().splitlines()[:2], out.strip().splitlines()[2:]  # '# checkpoint', '# trained with'
+    assert provenance[0].startswith("# checkpoint") and provenance[1].startswith("# trained with")
     assert len(lines) == 3 and str(cams) in lines[-1]
     saved = 0
     for path, line, p in zip(paths, lines, probs):
