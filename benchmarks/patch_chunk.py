@@ -6,9 +6,10 @@
 Times `core.step.patch_features` (the function the training step calls) on random tiles with the
 teacher's settings: train mode, no gradient, BatchNorm grouped as one reference call of 4 tiles
 per task over --reference_gpus chunks. Every (layout, chunk) setting runs on the same tiles and
-weights; the settings are interleaved within each repeat (the start rotating), and the report
-gives each setting's median time as a ratio to the first setting, so that load on a shared
-machine hits all settings alike. `auto` in --chunks is what `--patch_chunk auto` picks.
+weights; the settings are interleaved within each repeat (the start rotating), so that load on a
+shared machine hits all settings alike. The report gives each setting's median wall-clock and CPU
+time, as ratios to the first setting, and its minor page faults per pass (what makes one big
+forward slow on the CPU: benchmarks/README.md). `auto` in --chunks is what `--patch_chunk auto` picks.
 """
 from __future__ import annotations
 

@@ -55,3 +55,16 @@ def test_chunked_forwards_equal_one_forward(chunk):
     for key, value in chunked.state_dict().items():
         if value.is_floating_point():
             torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_cuda_rule_is_one_forward_unless_memory_is_short(monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: gib)
+    cuda = torch.device("cuda")
+    # resnet50 at 512 px, batch 32, 2.6 tasks per image: 333 tiles of 256 px, 4 x 4 MiB each
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))
+    assert auto_patch_chunk(cuda, 333, 256, 256) == 0
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * gib, 80 * gib))
+    chunk = auto_patch_chunk(cuda, 333, 256, 256)  # half of 3 + 1 GiB free: 128 tiles of 16 MiB
+    assert chunk == 128
