@@ -8,6 +8,8 @@ import torch
 
 from core.builder import ARCHITECTURES, BN_MODES
 from core.strategies import STRATEGIES
+from tools.datasets import DATASET_KINDS, DEFAULT_SPLITS
+from tools.demo_formats import DEMO_FORMATS
 from tools.errors import UserError
 
 # A CPU-sized recipe for --demo: random-init resnet18 at 128 px on the generated demo set, with the
@@ -66,12 +68,20 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     p = OneLineParser(description=defaults.get("description"), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # data
-    a("--data_dir", default=None, help="VOC2012 folder (holding JPEGImages/, Annotations/) or a folder containing "
-      "VOCdevkit/VOC2012")
-    a("--demo", action="store_true", help="generate the demo set (once, into a cache folder) and use the CPU recipe")
-    a("--train_split", default="train_aug", help="split name (data/NAME.txt, else ImageSets/Main/NAME.txt), "
-      "main:NAME for the devkit list, or a path to a .txt")
-    a("--val_split", default="val")
+    a("--data_dir", default=None, help="the dataset folder: VOC (holding JPEGImages/, Annotations/, or "
+      "VOCdevkit/VOCyyyy under it), COCO (annotations/, train2014/, val2014/) or a list folder (classes.txt)")
+    a("--dataset", default=None, choices=DATASET_KINDS, help="the dataset's format and protocol (default: "
+      "detected from --data_dir's layout)")
+    a("--demo", nargs="?", const="voc", default=None, choices=DEMO_FORMATS,
+      help="generate the demo set in this format (once, into a cache folder) and use the CPU recipe")
+    a("--train_split", default=None, help="default: the dataset's (" + "; ".join(
+      f"{k} {t}" for k, (t, _) in DEFAULT_SPLITS.items()) + "); VOC: a name (data/NAME.txt for VOC2012, else "
+      "ImageSets/Main/NAME.txt), main:NAME for the devkit list, or a .txt path; COCO: train2014/val2014; "
+      "list: NAME for NAME.csv or a .csv path")
+    a("--val_split", default=None, help="default: the dataset's (" + "; ".join(
+      f"{k} {v}" for k, (_, v) in DEFAULT_SPLITS.items()) + ")")
+    a("--keep_unlabelled", action="store_true", help="COCO: keep the images without any annotation (the "
+      "protocol leaves them out)")
     a("--skip_bad_images", action="store_true", help="skip unreadable images with a warning instead of stopping")
     a("--num_workers", type=int, default=4)
     # network
@@ -126,9 +136,12 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
 def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(defaults)
-    if "--demo" in argv:  # the demo recipe replaces the defaults; explicit flags still win
-        parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
+    if args.demo:  # the demo recipe replaces the defaults; explicit flags still win
+        parser.set_defaults(**DEMO_DEFAULTS)
+        if args.demo != "voc":  # the COCO and list demos use their dataset's own split names
+            parser.set_defaults(train_split=None, val_split=None)
+        args = parser.parse_args(argv)
     if args.alpha is not None:
         args.alpha_re = args.alpha
     if args.alpha_schedule is not None:
@@ -137,7 +150,8 @@ def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namesp
     if args.patch_network is None:
         args.patch_network = strategy.patch_network
     if args.tag is None:
-        args.tag = f"{'demo' if args.demo else args.architecture}@{args.strategy}"
+        demo = {None: None, "voc": "demo"}.get(args.demo, f"demo-{args.demo}")
+        args.tag = f"{demo or args.architecture}@{args.strategy}"
     if args.eval_batch_size is None:
         args.eval_batch_size = args.batch_size
     validate_args(args)

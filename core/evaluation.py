@@ -1,4 +1,5 @@
-"""Validation during training: scores of every image of the split, gathered over ranks, and both mAPs."""
+"""Validation during training: scores of every image of the split, gathered over ranks, both mAPs and the
+thresholded metrics (CP, CR, CF1, OP, OR, OF1, for all labels and the top 3)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,9 @@ from tqdm import tqdm
 from core.builder import make_cams
 from core.runtime import Runtime
 from core.tb_logging import log_cam_images
-from tools.metrics import mean_average_precision
+from tools.metrics import THRESHOLD_METRICS, mean_average_precision, multilabel_metrics
+
+THRESHOLD_KEYS = (*THRESHOLD_METRICS, *(f"{name}_top3" for name in THRESHOLD_METRICS))  # CP ... OF1_top3
 
 
 @torch.no_grad()
@@ -33,12 +36,13 @@ def predict(model: nn.Module, dataset, indices: list[int], args: argparse.Namesp
             logits, _ = model(images)
         scores.append(logits.float().cpu())
     model.train()
-    return torch.cat(scores).numpy() if scores else np.zeros((0, 20), np.float32)
+    return torch.cat(scores).numpy() if scores else np.zeros((0, getattr(args, "num_classes", 20)), np.float32)
 
 
 def evaluate(model: nn.Module, dataset, targets: np.ndarray, ignore: np.ndarray, args: argparse.Namespace,
              runtime: Runtime, autocast: dict, desc: str = "eval") -> dict:
-    """mAP (reference AP) and mAP_voc (devkit AP) over every image of the split, each counted once."""
+    """mAP (reference AP), mAP_voc (devkit AP) and CP ... OF1_top3 (percent, at sigmoid >= 0.5) over every
+    image of the split, each counted once."""
     n = len(dataset)
     shard = list(range(runtime.rank, n, runtime.world_size))
     scores = predict(model, dataset, shard, args, runtime, autocast, desc)
@@ -54,7 +58,9 @@ def evaluate(model: nn.Module, dataset, targets: np.ndarray, ignore: np.ndarray,
         scores = full
     m_ref, ap_ref = mean_average_precision(scores, targets, kind="reference")
     m_voc, ap_voc = mean_average_precision(scores, targets, ignore=ignore, kind="voc")
-    return {"mAP": m_ref, "mAP_voc": m_voc, "ap": ap_ref.tolist(), "ap_voc": ap_voc.tolist(), "num_images": n}
+    probabilities = torch.sigmoid(torch.from_numpy(scores).double()).numpy()
+    return {"mAP": m_ref, "mAP_voc": m_voc, **multilabel_metrics(probabilities, targets, ignore),
+            "ap": ap_ref.tolist(), "ap_voc": ap_voc.tolist(), "num_images": n}
 
 
 @torch.no_grad()

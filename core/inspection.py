@@ -20,10 +20,12 @@ from core.builder import Classifier, make_cams
 from core.keypoints import upsample_maps
 from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_size
 from tools.checkpoint import load_checkpoint
-from tools.demo_data import default_demo_root, generate_demo_dataset
+from tools.datasets import SplitData, default_splits, detect_dataset, open_dataset, resolve_dataset
+from tools.demo_formats import default_demo_root, generate_demo
 from tools.errors import UserError
+from tools.images import BadImageError, load_rgb_image
 from tools.run_files import RunFiles
-from tools.voc import BadImageError, load_rgb_image, resolve_voc_root
+from tools.voc import VOC_CLASSES
 
 CHECKPOINT_NAMES = ("best", "last")
 OVERLAY_ALPHA = 0.5  # weight of the heat map in a CAM overlay
@@ -102,9 +104,15 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def run_class_names(config: dict) -> tuple[str, ...]:
+    """The classes a run was trained on (runs from before the dataset choice were VOC's 20)."""
+    return tuple(config.get("class_names") or VOC_CLASSES)
+
+
 def build_classifier(config: dict, state: dict, device: torch.device) -> Classifier:
     """The run's network rebuilt from its config (no ImageNet download) with `state` loaded, in eval mode."""
-    model = Classifier(config.get("architecture", "resnet50"), mode=config.get("mode", "fix"), pretrained="none")
+    model = Classifier(config.get("architecture", "resnet50"), num_classes=len(run_class_names(config)),
+                       mode=config.get("mode", "fix"), pretrained="none")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -142,26 +150,49 @@ def load_run(tag: str | None, checkpoint: str | None, output_dir: str | Path, de
 
 
 # ----------------------------------------------------------------------------- data
-def data_root(config: dict, data_dir: str | None) -> Path:
-    """The VOC folder to read: --data_dir when given, else the run's own (the demo cache for --demo runs)."""
+def run_dataset(config: dict, data_dir: str | None) -> tuple[str, Path]:
+    """(kind, folder) to read: --data_dir when given (its layout decides), else the run's own dataset (the demo
+    cache for --demo runs, rebuilt if deleted)."""
     if data_dir is not None:
-        return resolve_voc_root(data_dir)
+        return detect_dataset(data_dir)
+    kind = config.get("dataset")
     if config.get("demo"):
-        root = Path(config["data_dir"]) if config.get("data_dir") else default_demo_root()
-        if (root / "JPEGImages").is_dir() and (root / "Annotations").is_dir():
-            return root
-        return generate_demo_dataset(root)  # the same call the trainer makes: rebuilds a deleted cache
+        demo = "voc" if config["demo"] is True else config["demo"]  # runs from before --demo took a format
+        root = Path(config["data_dir"]) if config.get("data_dir") else default_demo_root(demo)
+        try:
+            return resolve_dataset(root, kind)
+        except UserError:
+            return resolve_dataset(generate_demo(demo, root), kind)  # the trainer's call: rebuilds a deleted cache
     if not config.get("data_dir"):
         raise UserError("the run's config names no data_dir; pass --data_dir DIR")
     try:
-        return resolve_voc_root(config["data_dir"])
+        return resolve_dataset(config["data_dir"], kind)
     except UserError as exc:
         raise UserError(f"the run's data folder is not usable ({exc}); pass --data_dir DIR") from None
 
 
+def data_root(config: dict, data_dir: str | None) -> Path:
+    """The dataset folder to read (see run_dataset)."""
+    return run_dataset(config, data_dir)[1]
+
+
 def default_split(config: dict) -> str:
-    """The split the run validated on (main:val for --demo runs)."""
-    return config.get("val_split") or "val"
+    """The split the run validated on (main:val for VOC --demo runs)."""
+    return config.get("val_split") or default_splits(config.get("dataset") or "voc2012")[1]
+
+
+def open_run_split(config: dict, data_dir: str | None, split: str | None,
+                   require_annotations: bool = True) -> SplitData:
+    """A split of the run's dataset (or of --data_dir's), checked to hold the classes the run was trained on."""
+    kind, root = run_dataset(config, data_dir)
+    data = open_dataset(kind, root, split or default_split(config), require_annotations,
+                        keep_unlabelled=config.get("keep_unlabelled", False))
+    trained = run_class_names(config)
+    if data.class_names != trained:
+        raise UserError(f"the run was trained on {len(trained)} classes ({', '.join(trained[:4])}, ...), but split "
+                        f"{data.split!r} of {root} ({kind}) has {data.num_classes} ({', '.join(data.class_names[:4])}, "
+                        f"...); pass the --data_dir of the run's dataset")
+    return data
 
 
 # ----------------------------------------------------------------------------- images

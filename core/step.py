@@ -19,6 +19,7 @@ from core.losses import classification_loss, puzzle_losses
 from core.puzzle import clamp_keypoints, grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
 from core.runtime import Runtime, unwrap, wrap_for_devices
 from core.strategies import STRATEGIES, Strategy, build_tasks
+from tools.voc import NUM_CLASSES
 
 LOSS_TERMS = ("loss", "class_loss", "p_class_loss", "re_loss")
 
@@ -54,7 +55,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.S
 def build_step(args: argparse.Namespace, runtime: Runtime) -> StepContext:
     """Student, EMA teacher (strategies that cut through it), optimiser and scaler, on the run's device."""
     strategy = STRATEGIES[args.strategy]
-    student = Classifier(args.architecture, mode=args.mode, pretrained=args.pretrained).to(runtime.device)
+    num_classes = getattr(args, "num_classes", NUM_CLASSES)  # set by build_data from the dataset
+    student = Classifier(args.architecture, num_classes=num_classes, mode=args.mode,
+                         pretrained=args.pretrained).to(runtime.device)
     teacher = make_teacher(student) if (strategy.puzzle and args.patch_network == "teacher") else None
     channels_last = runtime.device.type == "cuda"
     if channels_last:
