@@ -190,7 +190,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise UserError("--batch_size must be at least 1 and --num_workers not negative")
     split = open_run_split(config, args.data_dir, args.split)  # refuses a split without annotations (VOC2012 test)
     split_name, root = split.split, split.root
-    dataset = dataset_images(split, EvalTransform(config["image_size"]))
+    dataset = dataset_images(split, EvalTransform(config["image_size"], config.get("eval_resize") == "fit"))
     autocast = autocast_settings(args.amp, config, device)
     scores = predict_split(run, dataset, args, device, autocast)
     result = ap_results(scores, split.labels, split.ignore, split.class_names)

@@ -91,7 +91,8 @@ def split_samples(config: dict, args: argparse.Namespace) -> list[Sample]:
     for index, (name, path) in enumerate(zip(split.names[: args.num], split.image_paths)):
         image = load_rgb_image(path)
         labels = split.labels[index] if labelled else None
-        samples.append(Sample(safe_name(Path(name).stem), eval_input(image, config["image_size"]), labels))
+        fit = config.get("eval_resize") == "fit"  # as the run's validation saw it
+        samples.append(Sample(safe_name(Path(name).stem), eval_input(image, config["image_size"], fit), labels))
     return samples
 
 

@@ -80,6 +80,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
       "list: NAME for NAME.csv or a .csv path")
     a("--val_split", default=None, help="default: the dataset's (" + "; ".join(
       f"{k} {v}" for k, (_, v) in DEFAULT_SPLITS.items()) + ")")
+    a("--eval_resize", default="auto", choices=["auto", "fit", "none"], help="validation images: fit = resize "
+      "the long side to --image_size first; none = the reference's top-left window at the native scale; auto = fit "
+      "for COCO and list data, none for VOC")
     a("--keep_unlabelled", action="store_true", help="COCO: keep the images without any annotation (the "
       "protocol leaves them out)")
     a("--skip_bad_images", action="store_true", help="skip unreadable images with a warning instead of stopping")

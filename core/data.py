@@ -99,9 +99,12 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
                         f"({train_split.num_classes} and {val_split.num_classes}); use the same category list")
     # the head's size and the names in logs, history and tools come from the dataset
     args.num_classes, args.class_names = train_split.num_classes, list(train_split.class_names)
+    if args.eval_resize == "auto":  # VOC keeps the reference protocol; COCO's images exceed 448 px
+        args.eval_resize = "none" if args.dataset.startswith("voc") else "fit"
     transform = TrainTransform(args.image_size, args.min_image_size, args.max_image_size)
     train_set = dataset_images(train_split, transform, args.skip_bad_images)
-    val_set = dataset_images(val_split, EvalTransform(args.image_size), args.skip_bad_images)
+    val_set = dataset_images(val_split, EvalTransform(args.image_size, args.eval_resize == "fit"),
+                             args.skip_bad_images)
     sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size,
                                 args.accum_steps)
     if sampler.iterations_per_epoch < 1:

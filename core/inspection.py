@@ -219,9 +219,7 @@ def eval_input(image: Image.Image, image_size: int, fit: bool = False) -> torch.
 
     fit=True first resizes the long side to S, so that an arbitrary photo is seen whole.
     """
-    if fit:
-        image = resize_long_side(image, image_size)
-    return EvalTransform(image_size)(image)
+    return EvalTransform(image_size, fit_long_side=fit)(image)
 
 
 def denormalize(images: torch.Tensor) -> np.ndarray:

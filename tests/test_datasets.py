@@ -141,6 +141,24 @@ def test_list_format_details(tiny_list, tmp_path):
         assert not open_dataset("list", root, "empty_labels").labels.any()
 
 
+def test_eval_fit_shows_the_whole_image():
+    """COCO at 448 px: a 640 x 480 image is resized to 448 x 336 and padded, not cut to its top-left corner."""
+    from PIL import Image
+
+    from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    fitted = EvalTransform(448, fit_long_side=True)(image).numpy()
+    small = np.asarray(image.resize((448, 336), Image.BICUBIC), np.float64) / 255.0
+    want = (small - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(fitted[:, :336, :].transpose(1, 2, 0), want, atol=1e-5)
+    assert not fitted[:, 336:, :].any()  # the padding
+    cut = EvalTransform(448)(image).numpy()  # the reference protocol: the native top-left window
+    np.testing.assert_allclose(cut[:, :448, :448].transpose(1, 2, 0)[0, 0],
+                               (np.asarray(image, np.float64)[0, 0] / 255 - IMAGENET_MEAN) / IMAGENET_STD, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the COCO label cache
 def test_coco_cache_is_used_and_follows_the_file(tiny_coco, tmp_path, monkeypatch):
     root = copy(tiny_coco, tmp_path)
