@@ -20,7 +20,7 @@ from core.builder import Classifier, make_cams
 from core.keypoints import upsample_maps
 from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_size
 from tools.checkpoint import load_checkpoint
-from tools.datasets import SplitData, default_splits, detect_dataset, open_dataset, resolve_dataset
+from tools.datasets import SplitData, dataset_family, default_splits, detect_dataset, open_dataset, resolve_dataset
 from tools.demo_formats import default_demo_root, generate_demo
 from tools.errors import UserError
 from tools.images import BadImageError, load_rgb_image
@@ -153,9 +153,11 @@ def load_run(tag: str | None, checkpoint: str | None, output_dir: str | Path, de
 def run_dataset(config: dict, data_dir: str | None) -> tuple[str, Path]:
     """(kind, folder) to read: --data_dir when given (its layout decides), else the run's own dataset (the demo
     cache for --demo runs, rebuilt if deleted)."""
-    if data_dir is not None:
-        return detect_dataset(data_dir)
     kind = config.get("dataset")
+    if data_dir is not None:  # the run's kind where the layout allows it (a VOC2007 run reads VOC2007 splits)
+        detected = detect_dataset(data_dir)
+        same_family = kind is not None and dataset_family(kind) == dataset_family(detected[0])
+        return resolve_dataset(data_dir, kind) if same_family else detected
     if config.get("demo"):
         demo = "voc" if config["demo"] is True else config["demo"]  # runs from before --demo took a format
         root = Path(config["data_dir"]) if config.get("data_dir") else default_demo_root(demo)

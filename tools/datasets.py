@@ -55,6 +55,11 @@ class SplitData:
 
 
 # ----------------------------------------------------------------------------- which dataset, where
+def dataset_family(kind: str) -> str:
+    """VOC, COCO or list: kinds of one family share a layout (voc2012 and voc2007)."""
+    return _FAMILY[kind]
+
+
 def _voc_year(folder: Path) -> str:
     """2007 for a folder named VOC2007 or whose ids look like VOC2007's ('000005'), else 2012."""
     if folder.name in ("VOC2007", "VOC2012"):
