@@ -49,8 +49,11 @@ def fold_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, me
     # weight of update k in the final value: m (1 - m)^(K - 1 - k)
     weights = momentum * keep ** torch.arange(steps - 1, -1, -1, device=means.device, dtype=torch.float64)
     weights = weights.to(means.dtype).view(-1, *([1] * (means.dim() - 1)))
-    running_mean.mul_(keep ** steps).add_((weights * means).sum(0).to(running_mean.dtype))
-    running_var.mul_(keep ** steps).add_((weights * variances).sum(0).to(running_var.dtype))
+    # Through .data, which autograd does not version: an earlier training-mode batch_norm of the same
+    # iteration saved these buffers for its backward (which never reads them in training mode), and
+    # a versioned in-place update would make that backward refuse to run.
+    running_mean.data.mul_(keep ** steps).add_((weights * means).sum(0).to(running_mean.dtype))
+    running_var.data.mul_(keep ** steps).add_((weights * variances).sum(0).to(running_var.dtype))
 
 
 class GroupedBatchNorm2d(nn.BatchNorm2d):
@@ -86,7 +89,8 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
     @torch.no_grad()
     def _update_running_stats(self, x: torch.Tensor, plan: BNPlan) -> None:
         calls = x.shape[0] // plan.call_size
-        first = x.reshape(calls, plan.call_size, *x.shape[1:])[:, :plan.group_size].float()
+        first = x.reshape(calls, plan.call_size, *x.shape[1:])[:, :plan.group_size]
+        first = first.float() if first.dtype in (torch.float16, torch.bfloat16) else first
         variances, means = torch.var_mean(first, dim=(1, 3, 4), correction=1)
         fold_running_stats(self.running_mean, self.running_var, means, variances, self.momentum)
         self.num_batches_tracked.add_(calls)

@@ -24,8 +24,7 @@ import evaluate_classification
 import infer
 import visualize_cams
 from core.builder import Classifier, make_cams
-from core.keypoints import peak_mean_keypoints, upsample_maps
-from core.puzzle import clamp_keypoints
+from core.keypoints import topk_weighted_cuts, upsample_maps
 from core.tb_logging import cam_overlays, close_writer, log_cam_images, log_scalars, make_writer
 from tools.augment import EvalTransform, long_side_size
 from tools.demo_data import generate_demo_dataset
@@ -78,7 +77,8 @@ def call(main, argv: list[str], capsys) -> tuple[int, str, str]:
 
 def load_model(path: Path, key: str = "model") -> Classifier:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = Classifier(ckpt["config"]["architecture"], mode=ckpt["config"]["mode"], pretrained="none")
+    model = Classifier(ckpt["config"]["architecture"], mode=ckpt["config"]["mode"], pretrained="none",
+                       head=ckpt["config"]["head"])
     model.load_state_dict(ckpt[key])
     return model.eval()
 
@@ -212,7 +212,7 @@ def test_visualize_one_png_per_image_with_a_panel_per_class(run, capsys):
 
 
 def test_visualize_uses_the_methods_keypoints(run):
-    """The tile cut of the figure is cTopk-w's keypoint as core.keypoints computes it, clamped."""
+    """The tile cut of the figure is cTopk-w's keypoint as core.keypoints computes it (reference rule)."""
     model = load_model(run.exp / "models" / "tiny_last.pth")
     split = load_split(run.voc, "main:val")
     image = EvalTransform(SIZE)(load_rgb_image(run.voc / "JPEGImages" / f"{split.ids[1]}.jpg"))
@@ -221,8 +221,8 @@ def test_visualize_uses_the_methods_keypoints(run):
     first = int(np.flatnonzero(split.annotations[1].labels)[0])
     with torch.no_grad():
         cam = make_cams(model(image[None])[1])[0, first]
-    keypoint = peak_mean_keypoints(upsample_maps(cam[None], (SIZE, SIZE)), 5, 8, weighted=True)
-    assert figure.cut.tolist() == clamp_keypoints(keypoint, SIZE, SIZE)[0].tolist()
+    keypoint = topk_weighted_cuts(upsample_maps(cam[None], (SIZE, SIZE)), 5, 8)
+    assert figure.cut.tolist() == keypoint[0].tolist()
     assert figure.points[0]["ctopk_w"].tolist() == keypoint[0].tolist()
     assert figure.tiles.shape == (4, SIZE // 2, SIZE // 2, 3)
 
@@ -285,7 +285,8 @@ def test_infer_labels_and_scores_match_a_direct_computation(run, capsys):
     code, out, err = call(infer.main, [*paths, "--tag", "tiny", "--output_dir", run.exp, "--threshold", threshold,
                                        "--save_cam", cams], capsys)
     assert code == 0, err
-    lines = out.strip().splitlines()
+    provenance, lines = out.strip().splitlines()[:2], out.strip().splitlines()[2:]  # '# checkpoint', '# trained with'
+    assert provenance[0].startswith("# checkpoint") and provenance[1].startswith("# trained with")
     assert len(lines) == 3 and str(cams) in lines[-1]
     saved = 0
     for path, line, p in zip(paths, lines, probs):
