@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from core.runtime import Runtime
 from tools.augment import EvalTransform, TrainTransform
+from tools.cam_metrics import box_array
 from tools.demo_data import default_demo_root, generate_demo_dataset
 from tools.errors import UserError
 from tools.voc import VOCClassification, load_split, resolve_voc_root
@@ -73,6 +74,7 @@ class RunData:
     val_set: VOCClassification
     val_targets: np.ndarray  # (N, C) 0/1
     val_ignore: np.ndarray  # (N, C) True where an image holds only difficult objects of a class
+    val_boxes: list[np.ndarray]  # per image (M, 5) rows (class, xmin, ymin, xmax, ymax), VOC 1-based inclusive
     sampler: EpochBatchSampler
     loader: DataLoader
 
@@ -94,4 +96,5 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0)
     return RunData(root, train_set, val_set, np.stack([a.labels for a in val_split.annotations]),
-                   np.stack([a.difficult_only for a in val_split.annotations]), sampler, loader)
+                   np.stack([a.difficult_only for a in val_split.annotations]),
+                   [box_array(a.objects) for a in val_split.annotations], sampler, loader)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from core.config import parse_args
 from core.data import RunData, build_data
 from core.evaluation import evaluate, log_val_cams
+from core.localisation import format_summary
 from core.runtime import Runtime, rng_states, seed_everything, set_rng_states, setup_runtime
 from core.step import LOSS_TERMS, StepContext, alpha_re_at, build_step, train_step
 from core.strategies import STRATEGIES
@@ -165,9 +166,11 @@ class Run:
         # the bare module under DDP: ranks may run different numbers of eval batches, so no
         # collective may hide in the forward
         model = ctx.bare_student if runtime.distributed else ctx.student
-        result = evaluate(model, data.val_set, data.val_targets, data.val_ignore, args, runtime, ctx.autocast, "val")
+        result = evaluate(model, data.val_set, data.val_targets, data.val_ignore, args, runtime, ctx.autocast, "val",
+                          boxes=data.val_boxes)
         record = {"epoch": round(self.iteration / self.iters_per_epoch, 3), "iteration": self.iteration,
-                  "mAP": result["mAP"], "mAP_voc": result["mAP_voc"], "num_images": result["num_images"]}
+                  "mAP": result["mAP"], "mAP_voc": result["mAP_voc"], "num_images": result["num_images"],
+                  **result["localisation"]}  # is the CAM on the object: pointing game, keypoint hit rates
         teacher = ctx.bare_teacher
         if teacher is not None:
             record["mAP_teacher"] = evaluate(teacher, data.val_set, data.val_targets, data.val_ignore, args, runtime,
@@ -180,8 +183,9 @@ class Run:
         teacher_part = f" mAP_teacher {record['mAP_teacher']:.2f}" if teacher is not None else ""
         self.log(f"[val] epoch {record['epoch']:.2f} iteration {self.iteration}: mAP {record['mAP']:.2f} "
                  f"mAP_voc {record['mAP_voc']:.2f}{teacher_part} best {self.best_map:.2f} "
-                 f"(chance {chance:.2f}, {result['num_images']} images)")
-        log_scalars(self.writer, self.iteration, {f"val/{k}": v for k, v in record.items() if k.startswith("mAP")})
+                 f"(chance {chance:.2f}, {result['num_images']} images); {format_summary(result['localisation'])}")
+        log_scalars(self.writer, self.iteration, {f"val/{k}": v for k, v in record.items()
+                                                  if k.startswith("mAP") or k in result["localisation"]})
         if self.writer is not None:
             log_val_cams(self.writer, self.iteration, ctx.bare_student, data.val_set, runtime.device)
         if improved:
