@@ -47,6 +47,11 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._@-]+", "_", text).strip("_") or "split"
 
 
+def cam_folder(output_dir: str | Path, tag: str, split: str, teacher: bool = False) -> Path:
+    """Where make_cams.py writes (and evaluate_cams.py reads) a run's CAMs of a split by default."""
+    return Path(output_dir) / "cams" / f"{tag}_{safe_name(split)}{'_teacher' if teacher else ''}"
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def run_files(output_dir: str | Path, tag: str):
     """The trainer's RunFiles layout (models/<tag>_{best,last}.pth, data/<tag>.json, ...)."""
