@@ -7,6 +7,7 @@ images the way evaluation does, and drawing CAM overlays. Every problem a user c
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from core.builder import Classifier, make_cams
 from core.keypoints import upsample_maps
 from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_size
 from tools.checkpoint import load_checkpoint
-from tools.demo_data import default_demo_root, generate_demo_dataset
+from tools.demo_data import FORMAT_VERSION as DEMO_FORMAT_VERSION
+from tools.demo_data import MARKER_NAME, default_demo_root, generate_demo_dataset
 from tools.errors import UserError
 from tools.run_files import RunFiles
 from tools.voc import BadImageError, load_rgb_image, resolve_voc_root
@@ -153,15 +155,24 @@ def data_root(config: dict, data_dir: str | None) -> Path:
         return resolve_voc_root(data_dir)
     if config.get("demo"):
         root = Path(config["data_dir"]) if config.get("data_dir") else default_demo_root()
-        if (root / "JPEGImages").is_dir() and (root / "Annotations").is_dir():
+        if (root / "JPEGImages").is_dir() and (root / "Annotations").is_dir() and not _older_demo(root):
             return root
-        return generate_demo_dataset(root)  # the same call the trainer makes: rebuilds a deleted cache
+        # the same call the trainer makes: rebuilds a deleted cache, or one from an older generator (no masks)
+        return generate_demo_dataset(root)
     if not config.get("data_dir"):
         raise UserError("the run's config names no data_dir; pass --data_dir DIR")
     try:
         return resolve_voc_root(config["data_dir"])
     except UserError as exc:
         raise UserError(f"the run's data folder is not usable ({exc}); pass --data_dir DIR") from None
+
+
+def _older_demo(root: Path) -> bool:
+    """A demo set written by an older version of the generator (its marker says so)."""
+    try:
+        return json.loads((root / MARKER_NAME).read_text()).get("format_version") != DEMO_FORMAT_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False  # no marker: not a generated set, use it as it is
 
 
 def default_split(config: dict) -> str:
