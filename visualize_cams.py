@@ -38,7 +38,7 @@ from core.inspection import (
     save_png,
 )
 from core.keypoints import top_k_peaks
-from core.puzzle import clamp_keypoints, split_at_keypoints
+from core.puzzle import split_at_keypoints
 from core.strategies import STRATEGIES, build_tasks
 from tools.errors import UserError, run_cli
 from tools.voc import VOC_CLASSES, load_rgb_image, load_split
@@ -118,8 +118,8 @@ def image_labels(classes: list[int], num_classes: int) -> torch.Tensor:
 
 
 def strategy_keypoints(cams: torch.Tensor, classes: list[int], size: int, k: int,
-                       min_distance: int) -> dict[str, torch.Tensor]:
-    """(len(classes), 2) float (y, x) keypoint per strategy, from the shared build_tasks.
+                       min_distance: int, keypoint_rule: str = "reference") -> dict[str, torch.Tensor]:
+    """(len(classes), 2) long (y, x) cut per strategy, from the shared build_tasks.
 
     `classes` ascending: the channel-wise strategies make their tasks in that order; Max and the
     centre make one task per image, shared by all its classes.
@@ -127,7 +127,8 @@ def strategy_keypoints(cams: torch.Tensor, classes: list[int], size: int, k: int
     labels = image_labels(classes, cams.shape[0])
     points = {}
     for name in MARKERS:
-        tasks = build_tasks(STRATEGIES[name], cams[None], labels, labels, (size, size), k, min_distance)
+        tasks = build_tasks(STRATEGIES[name], cams[None], labels, labels, (size, size), k, min_distance,
+                            keypoint_rule)
         points[name] = tasks.keypoints if STRATEGIES[name].per_class else tasks.keypoints[:1].expand(len(classes), 2)
     return points
 
@@ -138,12 +139,13 @@ def split_strategy(config: dict) -> str:
 
 
 def first_class_tiles(image: torch.Tensor, cams: torch.Tensor, classes: list[int], strategy: str, k: int,
-                      min_distance: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The strategy's clamped cut (y, x) for the first class and its four tiles (4, 3, S/2, S/2)."""
+                      min_distance: int, keypoint_rule: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """The strategy's cut (y, x) for the first class and its four tiles (4, 3, S/2, S/2)."""
     size = image.shape[-1]
     labels = image_labels(classes, cams.shape[0])
-    tasks = build_tasks(STRATEGIES[strategy], cams[None], labels, labels, (size, size), k, min_distance)
-    cuts = clamp_keypoints(tasks.keypoints[:1], size, size)
+    tasks = build_tasks(STRATEGIES[strategy], cams[None], labels, labels, (size, size), k, min_distance,
+                        keypoint_rule)
+    cuts = tasks.keypoints[:1]
     return cuts[0], split_at_keypoints(image[None], tasks.image_index[:1], cuts)
 
 
@@ -242,14 +244,14 @@ def compose(fig: Figure) -> np.ndarray:
 
 
 def build_figure(sample: Sample, model: torch.nn.Module, device: torch.device, strategy: str, k: int,
-                 min_distance: int) -> Figure:
+                 min_distance: int, keypoint_rule: str = "reference") -> Figure:
     logits, cams, upsampled = predict_with_cams(model, sample.image, device)
     probs = torch.sigmoid(logits)
     classes, source = positive_classes(sample.labels, probs)
     size = sample.image.shape[-1]
-    points = strategy_keypoints(cams, classes, size, k, min_distance)
+    points = strategy_keypoints(cams, classes, size, k, min_distance, keypoint_rule)
     peak_coords, _, valid = top_k_peaks(upsampled[classes], k, min_distance)
-    cut, tiles = first_class_tiles(sample.image, cams, classes, strategy, k, min_distance)
+    cut, tiles = first_class_tiles(sample.image, cams, classes, strategy, k, min_distance, keypoint_rule)
     label, _, _ = MARKERS[strategy]
     target = VOC_CLASSES[classes[0]] if STRATEGIES[strategy].per_class else "the image (merged CAM)"
     return Figure(
@@ -279,7 +281,8 @@ def visualize(args: argparse.Namespace) -> list[Path]:
     for sample in samples:
         name = sample.name if sample.name not in used else f"{sample.name}_{len(written)}"
         used.add(name)
-        figure = build_figure(sample, run.model, device, strategy, k, min_distance)
+        figure = build_figure(sample, run.model, device, strategy, k, min_distance,
+                              config.get("keypoint_rule", "reference"))
         written.append(save_png(out / f"{name}.png", compose(figure)))
     print(f"wrote {len(written)} figure(s) of {run.tag} ({run.path.name}) to {out}")
     return written

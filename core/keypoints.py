@@ -5,6 +5,14 @@ strategy, one per (image, positive class) for the channel-wise ones -- and works
 on any device with no per-map Python loop and no numpy round trip. Keypoints are
 (y, x) in the maps' pixels (input pixels once the CAMs are upsampled).
 
+The three ``*_cuts`` functions return int64 (N, 2) cut positions, every
+coordinate in [1, size - 1] so that no quadrant of the puzzle split is empty.
+``keypoint_rule="reference"`` reproduces the official OASS scripts to the pixel
+(docs/method.md section 3): integer means, the 128-px filter of cTopk with its
+y/x slip, cTopk-w's per-term truncation, and "a coordinate of 0 -> centre".
+``"clean"`` is our variant: float (weighted) means floored once, no distance
+filter, clamped into [1, size - 1]. The centre is (H // 2, W // 2).
+
 The peak detector reproduces scikit-image 0.26
 ``peak_local_max(image, min_distance=r)`` with its defaults (checked against its
 source and by experiment):
@@ -33,12 +41,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "argmax_keypoints",
+    "KEYPOINT_RULES",
+    "argmax_cuts",
     "peak_mask",
-    "peak_mean_keypoints",
     "top_k_peaks",
+    "topk_mean_cuts",
+    "topk_weighted_cuts",
     "upsample_maps",
 ]
+
+KEYPOINT_RULES = ("reference", "clean")
 
 _NEG_INF = float("-inf")
 
@@ -63,11 +75,22 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _check_rule(keypoint_rule: str) -> str:
+    if keypoint_rule not in KEYPOINT_RULES:
+        raise ValueError(f"keypoint_rule must be one of {KEYPOINT_RULES}, got {keypoint_rule!r}")
+    return keypoint_rule
+
+
 def _centres(maps: Tensor) -> Tensor:
-    """(N, 2) float32 image centres (H // 2, W // 2): the fallback keypoint."""
+    """(N, 2) long image centres (H // 2, W // 2): the fallback cut."""
     _, height, width = maps.shape
-    centre = torch.tensor([height // 2, width // 2], dtype=torch.float32, device=maps.device)
+    centre = torch.tensor([height // 2, width // 2], dtype=torch.long, device=maps.device)
     return centre.expand(maps.shape[0], 2)
+
+
+def _sizes(maps: Tensor) -> Tensor:
+    """(2,) long (H, W) on the maps' device, to compare cuts against."""
+    return torch.tensor(maps.shape[1:], dtype=torch.long, device=maps.device)
 
 
 def _unravel(flat_index: Tensor, width: int) -> Tensor:
@@ -86,20 +109,6 @@ def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
     if maps.shape[0] == 0:
         return maps.new_zeros((0, *size))
     return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-
-
-def argmax_keypoints(maps: Tensor) -> Tensor:
-    """(N, 2) float32 (y, x) of each map's maximum, the first in raster order on ties.
-
-    A map whose maximum is <= 0 (e.g. the all-zero CAM of an image whose class
-    never fired) carries no location, so it gets the centre (H // 2, W // 2).
-    """
-    maps = _check_maps(maps)
-    flat = maps.flatten(1)
-    index = flat.argmax(dim=1)  # torch documents: first maximal value on ties
-    best = flat.gather(1, index[:, None])
-    coords = _unravel(index, maps.shape[2]).to(torch.float32)
-    return torch.where(best > 0, coords, _centres(maps))
 
 
 def _sliding_max(x: Tensor, radius: int, dim: int) -> Tensor:
@@ -205,24 +214,116 @@ def top_k_peaks(maps: Tensor, k: int, min_distance: int) -> tuple[Tensor, Tensor
     return coords, values, valid
 
 
-def peak_mean_keypoints(maps: Tensor, k: int, min_distance: int, weighted: bool) -> Tensor:
-    """(N, 2) float32 keypoint = mean of the up-to-k highest peaks (cTopk / cTopk-w).
+# ----------------------------------------------------------------------------- cut positions
 
-    ``weighted=False``: plain mean of the peaks' (y, x). ``weighted=True``: mean
-    weighted by the peaks' map values normalised to sum to 1 (the reference's
-    ``w / w.sum()``); when those values do not sum to a positive number (only
-    possible for maps with negative values, never for CAMs) the plain mean is
-    used instead, so no NaN can appear. A map without any peak (all-zero,
-    constant, or everything within min_distance of the border) gets the centre.
+
+def _reference_cuts(maps: Tensor, cuts: Tensor, no_point: Tensor) -> Tensor:
+    """The reference's fallback: the centre when there is no point or a coordinate is 0.
+
+    Coordinates < 0 or >= size also get the centre. The reference never produces
+    them from CAMs (values >= 0); only maps with negative values could, through
+    rule B's weights, and a cut there would leave the image.
     """
+    outside = ((cuts <= 0) | (cuts >= _sizes(maps))).any(dim=1)
+    return torch.where((no_point | outside)[:, None], _centres(maps), cuts)
+
+
+def _clean_cuts(maps: Tensor, cuts: Tensor, no_point: Tensor) -> Tensor:
+    """Our variant's fallback: the centre only when there is no point, otherwise clamp into [1, size - 1]."""
+    clamped = torch.minimum(cuts.clamp_min(1), _sizes(maps) - 1)
+    return torch.where(no_point[:, None], _centres(maps), clamped)
+
+
+def argmax_cuts(maps: Tensor, keypoint_rule: str = "reference") -> Tensor:
+    """(N, 2) long cut at each map's maximum, the first in raster order on ties (Max, cMax).
+
+    reference: a maximum on row 0 or column 0 (which includes every all-zero map,
+    whose argmax is pixel 0) -> the centre. clean: the centre when the maximum is
+    <= 0 (no activation), otherwise the argmax clamped into [1, size - 1].
+    """
+    maps = _check_maps(maps)
+    rule = _check_rule(keypoint_rule)
+    flat = maps.flatten(1)
+    index = flat.argmax(dim=1)  # torch documents: first maximal value on ties, like np.argmax
+    cuts = _unravel(index, maps.shape[2])
+    if rule == "reference":
+        return _reference_cuts(maps, cuts, torch.zeros_like(index, dtype=torch.bool))
+    return _clean_cuts(maps, cuts, flat.gather(1, index[:, None])[:, 0] <= 0)
+
+
+def topk_mean_cuts(maps: Tensor, k: int, min_distance: int, keypoint_rule: str = "reference",
+                   radius: int = 128) -> Tensor:
+    """(N, 2) long cut at the mean of the highest peaks (rule A, cTopk).
+
+    reference: with at most k peaks, keep those within Euclidean distance < radius
+    of the map's argmax; with more than k, look at the top k only and test
+    (py - ay)^2 + (py - ax)^2 < radius^2 -- the official script compares the
+    peak's y with the argmax's x in that branch, reproduced here. The cut is the
+    integer floor mean of the kept peaks; no peak, none kept or a 0 coordinate ->
+    centre. clean: the floor of the mean of the top min(k, #peaks) peaks, no
+    distance filter, clamped; no peak -> centre.
+    """
+    maps = _check_maps(maps)
+    k = _check_int("k", k, 1)
+    rule = _check_rule(keypoint_rule)
+    radius = _check_int("radius", radius, 0)
+    if rule == "clean":
+        coords, _, keep = top_k_peaks(maps, k, min_distance)
+    else:
+        # k + 1 rounds: whether a (k+1)-th peak exists decides the branch (and the slip)
+        coords, _, valid = top_k_peaks(maps, k + 1, min_distance)
+        more_than_k = valid[:, k:k + 1]
+        coords, valid = coords[:, :k], valid[:, :k]
+        anchor = _unravel(maps.flatten(1).argmax(dim=1), maps.shape[2])[:, None, :]  # (N, 1, 2)
+        peak_y, peak_x = coords[..., 0], coords[..., 1]
+        x_term = torch.where(more_than_k, peak_y, peak_x)  # the reference's slip
+        squared = (peak_y - anchor[..., 0]) ** 2 + (x_term - anchor[..., 1]) ** 2
+        keep = valid & (squared < radius * radius)
+    count = keep.sum(dim=1)
+    sums = (coords * keep[..., None]).sum(dim=1)
+    # floor of a mean of integers == integer floor division of their sum: exact, no float
+    means = torch.div(sums, count.clamp_min(1)[:, None], rounding_mode="floor")
+    finish = _reference_cuts if rule == "reference" else _clean_cuts
+    return finish(maps, means, count == 0)
+
+
+def topk_weighted_cuts(maps: Tensor, k: int, min_distance: int, keypoint_rule: str = "reference") -> Tensor:
+    """(N, 2) long cut at the value-weighted mean of the top min(k, #peaks) peaks (rule B, cTopk-w).
+
+    reference, step by step as the official script computes it (numpy 2 types):
+    S = sum of the peak values accumulated one by one in the maps' dtype
+    (float32 for CAMs; highest value first -- the order of both of the
+    reference's branches up to ties, which do not change the sum); every term
+    py_i * w_i / S is evaluated in float64 and truncated toward zero before the
+    terms are summed. No peak or a 0 coordinate -> centre; a non-positive S
+    (impossible for CAMs, whose peaks are > 0) -> centre instead of a division
+    by zero. clean: sum(w_i p_i) / sum(w_i) in float64 floored once and
+    clamped; the plain mean when the weights do not sum to a positive number;
+    no peak -> centre.
+    """
+    maps = _check_maps(maps)
+    k = _check_int("k", k, 1)
+    rule = _check_rule(keypoint_rule)
     coords, values, valid = top_k_peaks(maps, k, min_distance)
-    weights = valid.to(torch.float32)
-    if weighted:
-        value_weights = values.to(torch.float32) * weights
-        # a (sub)normal-tiny or non-positive sum cannot be normalised: fall back to the plain mean
-        usable = value_weights.sum(dim=1, keepdim=True) > torch.finfo(torch.float32).tiny
-        weights = torch.where(usable, value_weights, weights)
-    total = weights.sum(dim=1, keepdim=True)
-    weights = weights / total.clamp_min(torch.finfo(torch.float32).tiny)
-    mean = (weights[..., None] * coords.to(torch.float32)).sum(dim=1)
-    return torch.where(total > 0, mean, _centres(maps))
+    no_peak = ~valid[:, 0]
+    if rule == "clean":
+        return _clean_cuts(maps, _clean_weighted_means(coords, values, valid), no_peak)
+    total = values.new_zeros(values.shape[0])
+    for rank in range(k):  # sequential, in the values' dtype; invalid entries add an exact 0
+        total = total + values[:, rank]
+    usable = total > 0
+    divisor = torch.where(usable, total, torch.ones_like(total)).to(torch.float64)[:, None, None]
+    terms = coords.to(torch.float64) * values.to(torch.float64)[..., None] / divisor
+    cuts = torch.trunc(terms).long().sum(dim=1)  # int() of every term, then the sum
+    return _reference_cuts(maps, cuts, no_peak | ~usable)
+
+
+def _clean_weighted_means(coords: Tensor, values: Tensor, valid: Tensor) -> Tensor:
+    """(N, 2) long floor of the value-weighted mean of the valid peaks (plain mean if unusable weights)."""
+    counts = valid.to(torch.float64)
+    weights = values.to(torch.float64) * counts
+    usable = weights.sum(dim=1, keepdim=True) > 0
+    weights = torch.where(usable, weights, counts)
+    total = weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    means = (weights[..., None] * coords.to(torch.float64)).sum(dim=1) / total
+    return means.floor().long()

@@ -8,16 +8,6 @@ from __future__ import annotations
 
 import torch
 
-KEYPOINT_MARGIN = 16  # keep every quadrant non-empty, in input pixels (one feature cell)
-
-
-def clamp_keypoints(keypoints: torch.Tensor, height: int, width: int, margin: int = KEYPOINT_MARGIN) -> torch.Tensor:
-    """Float (y, x) keypoints -> integer cut positions in [margin, size - margin]."""
-    cuts = keypoints.floor().long()
-    y = cuts[:, 0].clamp(margin, height - margin)
-    x = cuts[:, 1].clamp(margin, width - margin)
-    return torch.stack([y, x], dim=1)
-
 
 def nearest_source_index(dst: torch.Tensor, in_size: torch.Tensor, out_size: torch.Tensor) -> torch.Tensor:
     """Source index that PyTorch's nearest interpolation reads for output index `dst`.
@@ -84,5 +74,8 @@ def stitch_tiles(tile_maps: torch.Tensor, grid_cuts: torch.Tensor, size: tuple[i
 
 
 def grid_cuts_from_pixel_cuts(cuts: torch.Tensor, stride: int = 16) -> torch.Tensor:
-    """The feature-grid cut for a pixel cut: floor(y / stride), floor(x / stride)."""
-    return torch.div(cuts, stride, rounding_mode="floor")
+    """The feature-grid cut for a pixel cut, as the reference: (y // stride, x // stride), 0 replaced by 1.
+
+    A pixel cut below `stride` still leaves its top/left quadrant one grid row/column.
+    """
+    return torch.div(cuts, stride, rounding_mode="floor").clamp_min(1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.keypoints import argmax_keypoints, peak_mean_keypoints, upsample_maps
+from core.keypoints import argmax_cuts, topk_mean_cuts, topk_weighted_cuts, upsample_maps
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ STRATEGIES = {
 @dataclass
 class Tasks:
     image_index: torch.Tensor  # (N,) long: the image each task cuts
-    keypoints: torch.Tensor  # (N, 2) float (y, x) in input pixels, before clamping
+    keypoints: torch.Tensor  # (N, 2) long (y, x) cut positions in input pixels, each in [1, size - 1]
     targets: torch.Tensor  # (N, C) float
 
     def __len__(self) -> int:
@@ -57,8 +57,13 @@ def task_pairs(labels_cpu: torch.Tensor, per_class: bool) -> tuple[torch.Tensor,
 
 
 def build_tasks(strategy: Strategy, cams: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
-                image_size: tuple[int, int], k: int = 5, min_distance: int = 20) -> Tasks:
-    """Tasks of a batch from its (detached) CAMs (B, C, h, w) and labels (B, C) on the CAMs' device."""
+                image_size: tuple[int, int], k: int = 5, min_distance: int = 20,
+                keypoint_rule: str = "reference", radius: int = 128) -> Tasks:
+    """Tasks of a batch from its (detached) CAMs (B, C, h, w) and labels (B, C) on the CAMs' device.
+
+    The keypoints are the cut positions themselves (core.keypoints' rules, `keypoint_rule`
+    reference or clean); nothing is clamped afterwards.
+    """
     device = cams.device
     image_index, class_index = task_pairs(labels_cpu, strategy.per_class)
     image_index = image_index.to(device, non_blocking=True)
@@ -69,16 +74,18 @@ def build_tasks(strategy: Strategy, cams: torch.Tensor, labels: torch.Tensor, la
         targets = labels
     height, width = image_size
     if strategy.keypoints == "centre":
-        centre = torch.empty((len(image_index), 2), device=device)
-        centre[:, 0], centre[:, 1] = height / 2, width / 2  # filled on the device: no copy, no sync
+        centre = torch.empty((len(image_index), 2), dtype=torch.long, device=device)
+        centre[:, 0], centre[:, 1] = height // 2, width // 2  # filled on the device: no copy, no sync
         return Tasks(image_index, centre, targets)
-    if class_index is not None:
+    if class_index is not None:  # cMax / cTopk / cTopk-w: each positive class's map upsampled on its own
         maps = cams[image_index, class_index]
-    else:  # merged CAM: max over the image's positive classes
+    else:  # Max: merge on the h x w grid (max over the positive classes), then one upsample
         maps = (cams * labels[:, :, None, None]).amax(dim=1)
     maps = upsample_maps(maps.float(), (height, width))
     if strategy.keypoints == "argmax":
-        keypoints = argmax_keypoints(maps)
+        keypoints = argmax_cuts(maps, keypoint_rule)
+    elif strategy.keypoints == "peaks":
+        keypoints = topk_mean_cuts(maps, k, min_distance, keypoint_rule, radius)
     else:
-        keypoints = peak_mean_keypoints(maps, k, min_distance, weighted=strategy.keypoints == "weighted_peaks")
+        keypoints = topk_weighted_cuts(maps, k, min_distance, keypoint_rule)
     return Tasks(image_index, keypoints, targets)

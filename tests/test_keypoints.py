@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import warnings
 
+import cv2
+import keypoint_oracles as oracles
 import numpy as np
 import pytest
 import torch
@@ -11,10 +13,11 @@ from skimage.feature import peak_local_max
 
 from core.keypoints import (
     _window_max,
-    argmax_keypoints,
+    argmax_cuts,
     peak_mask,
-    peak_mean_keypoints,
     top_k_peaks,
+    topk_mean_cuts,
+    topk_weighted_cuts,
     upsample_maps,
 )
 
@@ -65,22 +68,6 @@ def test_upsample_bilinear_half_pixel_centres():
     out = upsample_maps(maps, (4, 4))
     assert out.shape == (1, 4, 4)
     torch.testing.assert_close(out[0], expected)
-
-
-def test_argmax_matches_numpy_and_falls_back_to_centre():
-    generator = torch.Generator().manual_seed(3)
-    maps = torch.rand(5, 7, 10, generator=generator)
-    maps[1] = 0.0  # all-zero CAM
-    maps[2] = -maps[2]  # max < 0
-    maps[3] = 0.0
-    maps[3, 2, 6] = maps[3, 5, 1] = 0.7  # tie: first in raster order wins
-    out = argmax_keypoints(maps)
-    assert out.dtype == torch.float32 and out.shape == (5, 2)
-    for i in (0, 3, 4):
-        y, x = np.unravel_index(np.argmax(maps[i].numpy()), (7, 10))
-        assert out[i].tolist() == [float(y), float(x)]
-    assert out[3].tolist() == [2.0, 6.0]
-    assert out[1].tolist() == [3.0, 5.0] and out[2].tolist() == [3.0, 5.0]
 
 
 # ----------------------------------------------------------------------------- peak mask
@@ -179,74 +166,187 @@ def test_top_k_does_not_modify_input_and_accepts_strided_maps():
     maps = smooth_maps(0, 2, grid=8, scale=4)
     before = maps.clone()
     top_k_peaks(maps, 3, 2)
-    peak_mean_keypoints(maps, 3, 2, weighted=True)
+    topk_weighted_cuts(maps, 3, 2)
+    topk_mean_cuts(maps, 3, 2)
     assert torch.equal(maps, before)
     transposed = maps.transpose(1, 2)  # dense but not contiguous
     for got, expected in zip(top_k_peaks(transposed, 4, 2), top_k_peaks(transposed.contiguous(), 4, 2)):
         assert torch.equal(got, expected)
 
 
-# ----------------------------------------------------------------------------- peak means
+# ----------------------------------------------------------------------------- cut rules vs literal per-map oracles
+
+REFERENCE_ORACLES = {
+    "argmax": lambda cam, k, r, radius: oracles.argmax_reference(cam),
+    "mean": lambda cam, k, r, radius: oracles.rule_a_reference(cam, k, r, radius),
+    "weighted": lambda cam, k, r, radius: oracles.rule_b_reference(cam, k, r),
+}
+CLEAN_ORACLES = {
+    "argmax": lambda cam, k, r, radius: oracles.argmax_clean(cam),
+    "mean": lambda cam, k, r, radius: oracles.rule_a_clean(cam, k, r),
+    "weighted": lambda cam, k, r, radius: oracles.rule_b_clean(cam, k, r),
+}
 
 
-def crafted_map() -> torch.Tensor:
-    m = torch.zeros(21, 21)
-    m[5, 5], m[5, 15], m[15, 10] = 1.0, 0.5, 0.25
+def batched_cuts(rule_name: str, maps: torch.Tensor, k: int, r: int, radius: int, keypoint_rule: str) -> torch.Tensor:
+    if rule_name == "argmax":
+        return argmax_cuts(maps, keypoint_rule)
+    if rule_name == "mean":
+        return topk_mean_cuts(maps, k, r, keypoint_rule, radius)
+    return topk_weighted_cuts(maps, k, r, keypoint_rule)
+
+
+def cam_like_maps(seed: int, n: int, grid: int, size: int, quantise: float = 0.0) -> torch.Tensor:
+    """ReLU of Gaussian noise normalised to max ~1 (like make_cams), upsampled bilinearly by torch."""
+    generator = torch.Generator().manual_seed(seed)
+    cams = torch.relu(torch.randn(n, grid, grid, generator=generator))
+    cams = cams / (cams.flatten(1).amax(1).view(n, 1, 1) + 1e-5)
+    if quantise:
+        cams = torch.round(cams / quantise) * quantise  # exact ties between peaks
+    return upsample_maps(cams, (size, size))
+
+
+def bump_maps(seed: int, n: int, grid: int, size: int) -> torch.Tensor:
+    """1-8 Gaussian bumps per grid x grid map, normalised to max 1, upsampled: a handful of peaks each."""
+    generator = torch.Generator().manual_seed(seed)
+    axis = torch.arange(grid, dtype=torch.float32)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    maps = torch.zeros(n, grid, grid)
+    for i in range(n):
+        count = int(torch.randint(1, 9, (1,), generator=generator))
+        centres = torch.rand(count, 2, generator=generator) * (grid - 1)
+        heights = 0.2 + 0.8 * torch.rand(count, generator=generator)
+        widths = 1 + 2 * torch.rand(count, generator=generator)
+        for (cy, cx), height, sigma in zip(centres, heights, widths):
+            maps[i] += height * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    maps = maps / maps.flatten(1).amax(1).view(n, 1, 1)
+    return upsample_maps(maps, (size, size))
+
+
+def spikes(size: int, points: dict[tuple[int, int], float]) -> torch.Tensor:
+    """A zero map with single-pixel peaks: each is a skimage peak when inside the border."""
+    m = torch.zeros(size, size)
+    for (y, x), value in points.items():
+        m[y, x] = value
     return m
 
 
-def test_peak_mean_plain_and_weighted_by_hand():
-    maps = crafted_map()[None]
-
-    def check(k: int, weighted: bool, expected_yx: tuple[float, float]) -> None:
-        out = peak_mean_keypoints(maps, k, 2, weighted=weighted)
-        torch.testing.assert_close(out, torch.tensor([expected_yx]))
-
-    # peaks (5,5)=1, (5,15)=.5, (15,10)=.25. k=3 plain: y = (5 + 5 + 15) / 3, x = (5 + 15 + 10) / 3
-    check(3, False, (25 / 3, 10.0))
-    # k=3 weighted, w = (1, .5, .25) / 1.75: y = (5 + 2.5 + 3.75) / 1.75, x = (5 + 7.5 + 2.5) / 1.75
-    check(3, True, (11.25 / 1.75, 15 / 1.75))
-    # k=2 keeps the two highest: plain (5, 10); weighted x = (5 * 1 + 15 * .5) / 1.5
-    check(2, False, (5.0, 10.0))
-    check(2, True, (5.0, 12.5 / 1.5))
-    # k larger than the number of peaks: the mean of the peaks found
-    check(9, False, (25 / 3, 10.0))
+def map_bank() -> list[tuple[torch.Tensor, int, int, int]]:
+    """(maps, k, min_distance, radius) groups: the reference's 512-px setting and smaller ones."""
+    degenerate = torch.zeros(4, 128, 128)
+    degenerate[1] = 0.4  # constant: no peak
+    degenerate[2, 2, 60] = 1.0  # the only maximum lies in the border: no peak
+    degenerate[3, 64:, :] = 0.5  # a half-plane plateau
+    return [
+        (cam_like_maps(0, 6, grid=32, size=512), 5, 20, 128),  # many peaks: the > k branch
+        (bump_maps(1, 16, grid=32, size=512), 5, 20, 128),  # 1-6 peaks: both branches
+        (bump_maps(2, 16, grid=16, size=128), 2, 5, 32),
+        (torch.cat([cam_like_maps(seed, 8, grid, 128) for seed, grid in enumerate((2, 3, 4, 6, 8, 12))]), 5, 5, 32),
+        (cam_like_maps(7, 12, grid=6, size=96, quantise=0.25), 3, 4, 24),  # tied peak values
+        (degenerate, 5, 5, 32),
+    ]
 
 
-def test_peak_mean_fallbacks_never_nan():
-    maps = torch.zeros(4, 15, 11)
-    maps[1] = 2.0  # constant
-    maps[2, 0, 5] = 1.0  # only peak in the border
-    maps[3] = -2.0
-    maps[3, 3, 3], maps[3, 10, 7] = 1.0, -1.0  # peak values sum to 0: plain mean instead
-    for weighted in (False, True):
-        out = peak_mean_keypoints(maps, 5, 2, weighted=weighted)
-        assert torch.isfinite(out).all()
-        assert out[:3].tolist() == [[7.0, 5.0]] * 3  # centre (H // 2, W // 2)
-        assert out[3].tolist() == [6.5, 5.0]
+@pytest.mark.parametrize("keypoint_rule", ["reference", "clean"])
+@pytest.mark.parametrize("rule_name", ["argmax", "mean", "weighted"])
+def test_cuts_equal_the_literal_per_map_rules(rule_name, keypoint_rule):
+    oracle = (REFERENCE_ORACLES if keypoint_rule == "reference" else CLEAN_ORACLES)[rule_name]
+    peak_counts = []
+    for maps, k, r, radius in map_bank():
+        cuts = batched_cuts(rule_name, maps, k, r, radius, keypoint_rule)
+        assert cuts.dtype == torch.int64 and cuts.shape == (len(maps), 2)
+        size = torch.tensor(maps.shape[1:])
+        assert ((cuts >= 1) & (cuts <= size - 1)).all()
+        for m, cut in zip(maps.numpy(), cuts.tolist()):
+            assert cut == oracle(m, k, r, radius)
+            peak_counts.append((len(oracles.find_peaks(m, r)), k))
+    # the bank covers no peak, 1..k peaks and more than k peaks
+    assert any(n == 0 for n, _ in peak_counts)
+    assert any(0 < n <= k for n, k in peak_counts)
+    assert any(n > k for n, k in peak_counts)
 
 
-def test_peak_mean_batch_equals_single_maps():
-    spike = torch.zeros(1, 64, 64)
-    spike[0, 10, 20] = 0.9
-    constant = torch.full((1, 64, 64), 0.5)
-    maps = torch.cat([smooth_maps(7, 3, grid=8, scale=8), torch.zeros(1, 64, 64), constant, spike])
-    for weighted in (False, True):
-        batch = peak_mean_keypoints(maps, 5, 4, weighted=weighted)
-        single = torch.cat([peak_mean_keypoints(m[None], 5, 4, weighted=weighted) for m in maps])
-        assert torch.equal(batch, single)
-        assert batch[3:].tolist() == [[32.0, 32.0], [32.0, 32.0], [10.0, 20.0]]
+def test_the_reference_ctopk_slip_changes_realistic_keypoints():
+    maps = cam_like_maps(0, 6, grid=32, size=512)
+    changed = 0
+    for m, cut in zip(maps.numpy(), topk_mean_cuts(maps, 5, 20).tolist()):
+        assert cut == oracles.rule_a_reference(m, 5, 20)
+        changed += cut != oracles.rule_a_reference(m, 5, 20, slip=False)
+    assert changed > 0
 
 
-def test_peak_mean_matches_skimage_mean():
-    maps = smooth_maps(11, 4, grid=8, scale=8)
-    plain = peak_mean_keypoints(maps, 5, 6, weighted=False)
-    weighted = peak_mean_keypoints(maps, 5, 6, weighted=True)
-    for m, p, w in zip(maps.numpy(), plain.numpy(), weighted.numpy()):
-        ref = skimage_peaks(m, 6, 5).astype(np.float64)
-        weights = m[tuple(ref.astype(int).T)].astype(np.float64)
-        np.testing.assert_allclose(p, ref.mean(0), rtol=1e-6)
-        np.testing.assert_allclose(w, (weights[:, None] * ref).sum(0) / weights.sum(), rtol=1e-5)
+def test_ctopk_slip_by_hand():
+    # argmax (20, 100); two peaks near it (distance < 32); the far ones are lower
+    near = {(20, 100): 1.0, (30, 100): 0.9, (25, 110): 0.8}
+    far = {(100, 20): 0.3, (110, 40): 0.25, (90, 60): 0.2, (100, 100): 0.15}
+    many = spikes(128, near | far)  # 7 peaks > k = 5: the reference tests (py - ay)^2 + (py - ax)^2
+    few = spikes(128, near | {(100, 20): 0.3})  # 4 peaks <= k: the true distance
+    cuts = topk_mean_cuts(torch.stack([many, few]), 5, 4, radius=32)
+    # with the slip no top-5 peak is kept (every py is far from ax = 100 or from ay = 20): centre
+    assert cuts.tolist() == [[64, 64], [25, 103]]  # (20 + 30 + 25) // 3, (100 + 100 + 110) // 3
+    assert oracles.rule_a_reference(many.numpy(), 5, 4, 32) == [64, 64]
+    assert oracles.rule_a_reference(many.numpy(), 5, 4, 32, slip=False) == [25, 103]  # what it meant
+    # clean: no filter, plain mean of the top 5
+    assert topk_mean_cuts(many[None], 5, 4, "clean").tolist() == [[57, 74]]  # 285 // 5, 370 // 5
+
+
+def test_ctopk_w_truncates_every_term_before_summing():
+    m = spikes(64, {(11, 11): 0.5, (21, 31): 0.5})
+    # terms y: 11 * .5 / 1 = 5.5 -> 5, 21 * .5 = 10.5 -> 10; x: 5.5 -> 5, 15.5 -> 15
+    assert topk_weighted_cuts(m[None], 5, 2).tolist() == [[15, 20]]
+    assert oracles.rule_b_reference(m.numpy(), 5, 2) == [15, 20]
+    assert oracles.rule_b_reference(m.numpy(), 5, 2, truncate_terms=False) == [16, 21]
+    assert topk_weighted_cuts(m[None], 5, 2, "clean").tolist() == [[16, 21]]
+
+
+def test_ctopk_w_sums_the_weights_in_float32():
+    # 0.5 + 2**-25 rounds to 0.5 in float32 (a tie, to even): the first term is exactly 40 * 0.5 / 0.5.
+    # With S summed in float64 it would be 40 * (1 - 2**-24) -> 39.
+    tiny = 2.0**-25
+    m = spikes(128, {(40, 40): 0.5, (80, 90): tiny})
+    assert topk_weighted_cuts(m[None], 5, 4).tolist() == [[40, 40]]
+    assert oracles.rule_b_reference(m.numpy(), 5, 4) == [40, 40]
+    exact_total = 0.5 + tiny
+    assert int(40 * 0.5 / exact_total) + int(80 * tiny / exact_total) == 39
+    # more than k peaks: S is the float32 sum of the top k only (here k = 1: S = 0.5, one term 40)
+    assert topk_weighted_cuts(m[None], 1, 4).tolist() == [[40, 40]]
+
+
+def test_zero_coordinate_gives_the_centre():
+    top_row = torch.zeros(3, 64, 64)
+    top_row[0, 0, 7] = 1.0  # argmax on row 0
+    top_row[1, 5, 0] = 1.0  # argmax on column 0
+    assert argmax_cuts(top_row).tolist() == [[32, 32]] * 3  # the all-zero map: argmax (0, 0)
+    assert argmax_cuts(top_row, "clean").tolist() == [[1, 7], [5, 1], [32, 32]]
+    # cTopk with min_distance 0 (no border): five peaks on row 0 -> mean y = 0
+    row = torch.zeros(1, 64, 64)
+    row[0, 0, 3:8] = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    assert topk_mean_cuts(row, 5, 0).tolist() == [oracles.rule_a_reference(row[0].numpy(), 5, 0)] == [[32, 32]]
+    assert topk_mean_cuts(row, 5, 0, "clean").tolist() == [[1, 5]]
+    # cTopk-w: five equal peaks on row 4, every term 4 * 0.2 = 0.8 truncates to 0
+    flat = spikes(64, {(4, x): 0.5 for x in (10, 20, 30, 40, 50)})[None]
+    assert topk_weighted_cuts(flat, 5, 4).tolist() == [oracles.rule_b_reference(flat[0].numpy(), 5, 4)] == [[32, 32]]
+    assert topk_weighted_cuts(flat, 5, 4, "clean").tolist() == [[4, 30]]
+
+
+def test_cuts_of_a_batch_equal_cuts_of_single_maps():
+    maps = torch.cat([cam_like_maps(3, 5, grid=8, size=128), torch.zeros(1, 128, 128)])
+    for rule_name in REFERENCE_ORACLES:
+        for keypoint_rule in ("reference", "clean"):
+            batch = batched_cuts(rule_name, maps, 5, 5, 32, keypoint_rule)
+            single = torch.cat([batched_cuts(rule_name, m[None], 5, 5, 32, keypoint_rule) for m in maps])
+            assert torch.equal(batch, single)
+
+
+def test_torch_bilinear_matches_cv2_inter_linear():
+    generator = torch.Generator().manual_seed(5)
+    cams = torch.relu(torch.randn(4, 32, 32, generator=generator))
+    cams = cams / (cams.flatten(1).amax(1).view(4, 1, 1) + 1e-5)
+    ours = upsample_maps(cams, (512, 512)).numpy()
+    for cam, up in zip(cams.numpy(), ours):
+        np.testing.assert_allclose(up, cv2.resize(cam, (512, 512), interpolation=cv2.INTER_LINEAR), rtol=0, atol=1e-6)
+    non_square = upsample_maps(cams[:1, :24], (384, 512))[0].numpy()
+    np.testing.assert_allclose(non_square, cv2.resize(cams[0, :24].numpy(), (512, 384)), rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -257,20 +357,25 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="k must"):
         top_k_peaks(maps, 0, 2)
     with pytest.raises(ValueError, match="k must"):
-        peak_mean_keypoints(maps, 2.5, 2, weighted=False)
+        topk_mean_cuts(maps, 2.5, 2)
     with pytest.raises(ValueError, match="min_distance must"):
         peak_mask(maps, -1)
     with pytest.raises(ValueError, match="min_distance must"):
-        peak_mean_keypoints(maps, 5, -3, weighted=True)
+        topk_weighted_cuts(maps, 5, -3)
+    with pytest.raises(ValueError, match="radius must"):
+        topk_mean_cuts(maps, 5, 2, radius=-1)
+    with pytest.raises(ValueError, match="keypoint_rule"):
+        argmax_cuts(maps, "exact")
     with pytest.raises(ValueError, match="shape"):
-        argmax_keypoints(torch.zeros(8, 8))
+        argmax_cuts(torch.zeros(8, 8))
     with pytest.raises(ValueError, match="size"):
         upsample_maps(maps, (0, 4))
 
 
 def test_empty_batch():
     maps = torch.zeros(0, 16, 16)
-    assert argmax_keypoints(maps).shape == (0, 2)
-    assert peak_mean_keypoints(maps, 5, 2, weighted=True).shape == (0, 2)
+    for rule in ("reference", "clean"):
+        for cuts in (argmax_cuts(maps, rule), topk_mean_cuts(maps, 5, 2, rule), topk_weighted_cuts(maps, 5, 2, rule)):
+            assert cuts.shape == (0, 2) and cuts.dtype == torch.int64
     coords, values, valid = top_k_peaks(maps, 5, 2)
     assert coords.shape == (0, 5, 2) and values.shape == (0, 5) and valid.shape == (0, 5)

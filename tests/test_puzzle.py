@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 from core.puzzle import (
-    clamp_keypoints,
     grid_cuts_from_pixel_cuts,
     nearest_source_index,
     split_at_keypoints,
@@ -101,9 +100,27 @@ def test_split_and_stitch_carry_gradients():
     assert torch.equal(maps.grad, torch.ones_like(maps))
 
 
-def test_clamp_keypoints_keeps_quadrants_non_empty():
-    kp = torch.tensor([[0.0, 0.0], [63.9, 100.0], [31.7, 40.2], [-5.0, 16.0]])
-    cuts = clamp_keypoints(kp, 64, 96)
-    assert cuts.tolist() == [[16, 16], [48, 80], [31, 40], [16, 16]]
-    grid = grid_cuts_from_pixel_cuts(cuts)
-    assert grid.min() >= 1 and (grid[:, 0] <= 3).all() and (grid[:, 1] <= 5).all()
+def test_grid_cut_is_floor_division_with_zero_replaced_by_one():
+    cuts = torch.tensor([[1, 1], [15, 16], [16, 15], [31, 32], [256, 256], [511, 1], [100, 479]])
+    expected = [[1, 1], [1, 1], [1, 1], [1, 2], [16, 16], [31, 1], [6, 29]]
+    assert grid_cuts_from_pixel_cuts(cuts).tolist() == expected
+    assert grid_cuts_from_pixel_cuts(torch.tensor([[40, 7]]), stride=8).tolist() == [[5, 1]]
+
+
+@pytest.mark.parametrize("cut", [(1, 1), (1, 95), (63, 1), (63, 95), (1, 48), (32, 95)])
+def test_extreme_cuts_leave_one_pixel_quadrants(cut):
+    """Cuts at 1 and at size - 1: the thin quadrants are one pixel wide, resized like any other."""
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, 64, 96)
+    y, x = cut
+    tiles = split_at_keypoints(images, torch.tensor([0]), torch.tensor([cut]))
+    crops = [images[:1, :, :y, :x], images[:1, :, :y, x:], images[:1, :, y:, :x], images[:1, :, y:, x:]]
+    for q, crop in enumerate(crops):
+        assert torch.equal(tiles[q : q + 1], F.interpolate(crop, size=(32, 48), mode="nearest")), q
+    # the grid cut of an extreme pixel cut, stitched back on a 4 x 6 grid (stride 16)
+    gy, gx = grid_cuts_from_pixel_cuts(torch.tensor([cut]))[0].tolist()
+    tile_maps = torch.randn(4, 5, 2, 3)
+    sizes = [(gy, gx), (gy, 6 - gx), (4 - gy, gx), (4 - gy, 6 - gx)]
+    parts = [F.interpolate(tile_maps[q : q + 1], size=s, mode="nearest") for q, s in enumerate(sizes)]
+    expected = torch.cat([torch.cat(parts[:2], dim=3), torch.cat(parts[2:], dim=3)], dim=2)
+    assert torch.equal(stitch_tiles(tile_maps, torch.tensor([[gy, gx]]), (4, 6)), expected)

@@ -24,8 +24,7 @@ import evaluate_classification
 import infer
 import visualize_cams
 from core.builder import Classifier, make_cams
-from core.keypoints import peak_mean_keypoints, upsample_maps
-from core.puzzle import clamp_keypoints
+from core.keypoints import topk_weighted_cuts, upsample_maps
 from core.tb_logging import cam_overlays, close_writer, log_cam_images, log_scalars, make_writer
 from tools.augment import EvalTransform, long_side_size
 from tools.demo_data import generate_demo_dataset
@@ -212,7 +211,7 @@ def test_visualize_one_png_per_image_with_a_panel_per_class(run, capsys):
 
 
 def test_visualize_uses_the_methods_keypoints(run):
-    """The tile cut of the figure is cTopk-w's keypoint as core.keypoints computes it, clamped."""
+    """The tile cut of the figure is cTopk-w's keypoint as core.keypoints computes it (reference rule)."""
     model = load_model(run.exp / "models" / "tiny_last.pth")
     split = load_split(run.voc, "main:val")
     image = EvalTransform(SIZE)(load_rgb_image(run.voc / "JPEGImages" / f"{split.ids[1]}.jpg"))
@@ -221,8 +220,8 @@ def test_visualize_uses_the_methods_keypoints(run):
     first = int(np.flatnonzero(split.annotations[1].labels)[0])
     with torch.no_grad():
         cam = make_cams(model(image[None])[1])[0, first]
-    keypoint = peak_mean_keypoints(upsample_maps(cam[None], (SIZE, SIZE)), 5, 8, weighted=True)
-    assert figure.cut.tolist() == clamp_keypoints(keypoint, SIZE, SIZE)[0].tolist()
+    keypoint = topk_weighted_cuts(upsample_maps(cam[None], (SIZE, SIZE)), 5, 8)
+    assert figure.cut.tolist() == keypoint[0].tolist()
     assert figure.points[0]["ctopk_w"].tolist() == keypoint[0].tolist()
     assert figure.tiles.shape == (4, SIZE // 2, SIZE // 2, 3)
 

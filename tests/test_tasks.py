@@ -1,32 +1,38 @@
 """The batched puzzle tasks against a slow per-task loop written independently here."""
+import keypoint_oracles as oracles
 import pytest
 import torch
 import torch.nn.functional as F
 
 from core.builder import Classifier, make_cams
-from core.keypoints import argmax_keypoints, peak_mean_keypoints, upsample_maps
+from core.keypoints import upsample_maps
 from core.losses import puzzle_losses
-from core.puzzle import clamp_keypoints, grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
+from core.puzzle import grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
 from core.strategies import STRATEGIES, build_tasks
+
+
+def oracle_cut(strategy, cam_map, height, width, k, r, keypoint_rule="reference"):
+    """The strategy's cut for one (merged or per-class) h x w map, from the literal per-map rules."""
+    if strategy.keypoints == "centre":
+        return [height // 2, width // 2]
+    cam = upsample_maps(cam_map[None], (height, width))[0].numpy()
+    reference = keypoint_rule == "reference"
+    if strategy.keypoints == "argmax":
+        return oracles.argmax_reference(cam) if reference else oracles.argmax_clean(cam)
+    if strategy.keypoints == "peaks":
+        return oracles.rule_a_reference(cam, k, r) if reference else oracles.rule_a_clean(cam, k, r)
+    return oracles.rule_b_reference(cam, k, r) if reference else oracles.rule_b_clean(cam, k, r)
 
 
 def one_task_loop(image, features, cam_map, target, network, strategy, k, r):
     """One task, the plain way: detect, crop with slices, interpolate, forward, interpolate, concatenate."""
     _, height, width = image.shape
-    up = upsample_maps(cam_map[None], (height, width))
-    if strategy.keypoints == "centre":
-        kp = torch.tensor([[height / 2, width / 2]])
-    elif strategy.keypoints == "argmax":
-        kp = argmax_keypoints(up)
-    else:
-        kp = peak_mean_keypoints(up, k, r, weighted=strategy.keypoints == "weighted_peaks")
-    y, x = (int(v) for v in kp[0].floor())
-    y, x = min(max(y, 16), height - 16), min(max(x, 16), width - 16)
+    y, x = oracle_cut(strategy, cam_map, height, width, k, r)
     crops = [image[:, :y, :x], image[:, :y, x:], image[:, y:, :x], image[:, y:, x:]]
     tiles = torch.cat([F.interpolate(c[None], size=(height // 2, width // 2), mode="nearest") for c in crops])
     tile_maps = network(tiles)[1]
     h, w = features.shape[-2:]
-    gy, gx = y // 16, x // 16
+    gy, gx = max(y // 16, 1), max(x // 16, 1)
     sizes = [(gy, gx), (gy, w - gx), (h - gy, gx), (h - gy, w - gx)]
     parts = [F.interpolate(tile_maps[q : q + 1], size=s, mode="nearest") for q, s in enumerate(sizes)]
     stitched = torch.cat([torch.cat(parts[:2], dim=3), torch.cat(parts[2:], dim=3)], dim=2)[0]
@@ -46,7 +52,7 @@ def test_batched_tasks_equal_per_task_loop(name):
         _, features = network(images)
         cams = make_cams(features)
         tasks = build_tasks(strategy, cams, labels, labels, (96, 128), k=3, min_distance=8)
-        cuts = clamp_keypoints(tasks.keypoints, 96, 128)
+        cuts = tasks.keypoints
         tiles = split_at_keypoints(images, tasks.image_index, cuts)
         stitched = stitch_tiles(network(tiles)[1], grid_cuts_from_pixel_cuts(cuts), features.shape[-2:])
         p_class, re = puzzle_losses(features, stitched, tasks.image_index, tasks.targets)
@@ -81,8 +87,11 @@ def test_all_zero_cams_fall_back_to_the_centre():
     labels = torch.zeros(2, 20)
     labels[:, 1] = 1
     for name in ("max", "cmax", "ctopk", "ctopk_w"):
-        tasks = build_tasks(STRATEGIES[name], torch.zeros(2, 20, 4, 4), labels, labels, (64, 96), k=5, min_distance=5)
-        assert tasks.keypoints.tolist() == [[32.0, 48.0]] * 2, name
+        for rule in ("reference", "clean"):
+            tasks = build_tasks(STRATEGIES[name], torch.zeros(2, 20, 4, 4), labels, labels, (64, 96), k=5,
+                                min_distance=5, keypoint_rule=rule)
+            assert tasks.keypoints.dtype == torch.int64
+            assert tasks.keypoints.tolist() == [[32, 48]] * 2, (name, rule)
 
 
 def test_no_positive_labels_gives_no_channel_wise_task_and_zero_losses():
@@ -93,3 +102,38 @@ def test_no_positive_labels_gives_no_channel_wise_task_and_zero_losses():
     p, re = puzzle_losses(features, torch.zeros(0, 20, 4, 4), tasks.image_index, tasks.targets)
     assert p.item() == 0 and re.item() == 0
     (p + re).backward()
+
+
+@pytest.mark.parametrize("keypoint_rule", ["reference", "clean"])
+@pytest.mark.parametrize("name", ["puzzle", "max", "cmax", "ctopk", "ctopk_w"])
+def test_task_keypoints_equal_the_literal_rules(name, keypoint_rule):
+    """Per positive class (or per image for Max, merged on the h x w grid first), as the reference scripts."""
+    strategy = STRATEGIES[name]
+    generator = torch.Generator().manual_seed(6)
+    cams = make_cams(torch.randn(6, 20, 8, 8, generator=generator))
+    labels = (torch.rand(6, 20, generator=generator) < 0.2).float()
+    labels[:, 14] = 1.0  # at least one positive class per image
+    tasks = build_tasks(strategy, cams, labels, labels, (128, 128), k=3, min_distance=6, keypoint_rule=keypoint_rule)
+    expected = []
+    for b in range(6):
+        if strategy.per_class:
+            maps = [cams[b, c] for c in labels[b].nonzero().flatten().tolist()]
+        else:
+            maps = [(cams[b] * labels[b][:, None, None]).amax(0)]
+        expected += [oracle_cut(strategy, m, 128, 128, 3, 6, keypoint_rule) for m in maps]
+    assert tasks.keypoints.dtype == torch.int64
+    assert tasks.keypoints.tolist() == expected
+
+
+def test_max_merges_the_classes_before_upsampling():
+    generator = torch.Generator().manual_seed(8)
+    cams = make_cams(torch.randn(16, 20, 8, 8, generator=generator))
+    labels = torch.zeros(16, 20)
+    labels[:, [2, 9, 17]] = 1.0
+    tasks = build_tasks(STRATEGIES["max"], cams, labels, labels, (128, 128))
+    upsampled_first = [oracles.argmax_reference(upsample_maps(cams[b, [2, 9, 17]], (128, 128)).amax(0).numpy())
+                       for b in range(16)]
+    merged_first = [oracles.argmax_reference(upsample_maps(cams[b, [2, 9, 17]].amax(0)[None], (128, 128))[0].numpy())
+                    for b in range(16)]
+    assert tasks.keypoints.tolist() == merged_first
+    assert merged_first != upsampled_first  # the order matters on some images
