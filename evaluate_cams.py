@@ -168,25 +168,63 @@ def locate_cams(args: argparse.Namespace, expected: dict, split_name: str) -> Pa
     return folder
 
 
+@dataclass
+class Inputs:
+    """What a run, its split and its CAM folder say, checked against each other."""
+
+    tag: str
+    checkpoint: Path
+    root: Path
+    split: VOCSplit
+    folder: Path
+    expected: dict  # the provenance the CAM folder must carry
+    k: int
+    min_distance: int
+    keypoint_rule: str  # the run's (core/keypoints.py: reference or clean)
+
+
+def resolve_inputs(args: argparse.Namespace) -> Inputs:
+    path = resolve_checkpoint(args.tag, args.checkpoint, args.output_dir)
+    config = dict(read_checkpoint(path)["config"])
+    tag = args.tag or config.get("tag") or path.stem
+    k = config.get("k", 5) if args.k is None else args.k
+    min_distance = config.get("min_distance", 20) if args.min_distance is None else args.min_distance
+    if k < 1 or min_distance < 0:
+        raise UserError("--k must be at least 1 and --min_distance not negative")
+    split_name = args.split or default_split(config)
+    root = data_root(config, args.data_dir)
+    split = load_split(root, split_name)
+    check_masks(root, split)
+    expected = {"tag": tag, "checkpoint": str(path.resolve()), "checkpoint_sha256": file_sha256(path),
+                "network": "teacher" if args.teacher else "student", "split": split_name,
+                "split_ids_sha256": ids_sha256(split.ids)}
+    folder = locate_cams(args, expected, split_name)
+    missing = [i for i in split.ids if not cam_file(folder, i).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(split.ids)} images have no CAM file in {folder} (e.g. {missing[0]}); "
+                        "finish them with make_cams.py --resume")
+    return Inputs(tag, path, root, split, folder, expected, k, min_distance, config.get("keypoint_rule", "reference"))
+
+
 # ----------------------------------------------------------------------------- scoring
-def score_split(folder: Path, root: Path, split: VOCSplit, thresholds: tuple[float, ...], k: int,
-                min_distance: int) -> tuple[np.ndarray, HitTally]:
+def score_split(inputs: Inputs, thresholds: tuple[float, ...]) -> tuple[np.ndarray, HitTally]:
     """Confusion matrices (T, 21, 21) at every threshold and the localisation tally, over the split."""
     confusions = np.zeros((len(thresholds), NUM_SEG_CLASSES, NUM_SEG_CLASSES), np.int64)
     tally = HitTally()
-    pairs = list(zip(split.ids, split.annotations))
+    pairs = list(zip(inputs.split.ids, inputs.split.annotations))
     for image_id, annotation in tqdm(pairs, desc="scoring", leave=False, dynamic_ncols=True):
-        classes, cams = load_cams(cam_file(folder, image_id))
-        mask_path = root / "SegmentationClass" / f"{image_id}.png"
+        classes, cams = load_cams(cam_file(inputs.folder, image_id))
+        mask_path = inputs.root / "SegmentationClass" / f"{image_id}.png"
         truth = load_mask(mask_path, cams.shape[1:])
         value, labels = foreground(cams, classes)
         try:
             confusions += threshold_confusions(value, labels, truth, thresholds)
         except ValueError as exc:
             raise UserError(f"SegmentationClass/{mask_path.name}: {exc}") from None
-        if len(classes):
+        if len(classes):  # the keypoints of the training loop's rules, on these CAMs at the image's size
             score_localisation(tally, torch.from_numpy(cams)[None], torch.ones(1, len(classes)),
-                               [compact_boxes(annotation, classes)], tuple(cams.shape[1:]), k, min_distance)
+                               [compact_boxes(annotation, classes)], tuple(cams.shape[1:]), inputs.k,
+                               inputs.min_distance, inputs.keypoint_rule)
     return confusions, tally
 
 
@@ -234,43 +272,6 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-@dataclass
-class Inputs:
-    """What a run, its split and its CAM folder say, checked against each other."""
-
-    tag: str
-    checkpoint: Path
-    root: Path
-    split: VOCSplit
-    folder: Path
-    expected: dict  # the provenance the CAM folder must carry
-    k: int
-    min_distance: int
-
-
-def resolve_inputs(args: argparse.Namespace) -> Inputs:
-    path = resolve_checkpoint(args.tag, args.checkpoint, args.output_dir)
-    config = dict(read_checkpoint(path)["config"])
-    tag = args.tag or config.get("tag") or path.stem
-    k = config.get("k", 5) if args.k is None else args.k
-    min_distance = config.get("min_distance", 20) if args.min_distance is None else args.min_distance
-    if k < 1 or min_distance < 0:
-        raise UserError("--k must be at least 1 and --min_distance not negative")
-    split_name = args.split or default_split(config)
-    root = data_root(config, args.data_dir)
-    split = load_split(root, split_name)
-    check_masks(root, split)
-    expected = {"tag": tag, "checkpoint": str(path.resolve()), "checkpoint_sha256": file_sha256(path),
-                "network": "teacher" if args.teacher else "student", "split": split_name,
-                "split_ids_sha256": ids_sha256(split.ids)}
-    folder = locate_cams(args, expected, split_name)
-    missing = [i for i in split.ids if not cam_file(folder, i).is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(split.ids)} images have no CAM file in {folder} (e.g. {missing[0]}); "
-                        "finish them with make_cams.py --resume")
-    return Inputs(tag, path, root, split, folder, expected, k, min_distance)
-
-
 def result_path(output_dir: str, tag: str, split: str, teacher: bool) -> Path:
     return Path(output_dir) / "data" / f"{tag}_eval_cams_{safe_name(split)}{'_teacher' if teacher else ''}.json"
 
@@ -279,10 +280,11 @@ def evaluate_cams(args: argparse.Namespace) -> dict:
     thresholds = parse_thresholds(args.thresholds)
     inputs = resolve_inputs(args)
     split = inputs.split
-    confusions, tally = score_split(inputs.folder, inputs.root, split, thresholds, inputs.k, inputs.min_distance)
+    confusions, tally = score_split(inputs, thresholds)
     result = summarise(confusions, thresholds, tally)
     result |= {**inputs.expected, "cam_dir": str(inputs.folder), "scales": read_metadata(inputs.folder).get("scales"),
-               "k": inputs.k, "min_distance": inputs.min_distance, "num_images": len(split.ids),
+               "k": inputs.k, "min_distance": inputs.min_distance, "keypoint_rule": inputs.keypoint_rule,
+               "num_images": len(split.ids),
                "data_root": str(inputs.root)}
     print(f"{inputs.tag} ({result['network']}, {inputs.checkpoint}) CAMs of {split.name}: {len(split.ids)} images, "
           f"{inputs.folder}")

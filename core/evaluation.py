@@ -38,7 +38,8 @@ def predict(model: nn.Module, dataset, indices: list[int], args: argparse.Namesp
         scores.append(logits.float().cpu())
         if tally is not None:
             score_localisation(tally, make_cams(features.float()), labels.to(runtime.device),
-                               [boxes[i] for i in used.tolist()], tuple(images.shape[-2:]), args.k, args.min_distance)
+                               [boxes[i] for i in used.tolist()], tuple(images.shape[-2:]), args.k, args.min_distance,
+                               getattr(args, "keypoint_rule", "reference"))
     model.train()
     return (torch.cat(scores).numpy() if scores else np.zeros((0, 20), np.float32)), tally
 

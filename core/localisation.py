@@ -41,16 +41,16 @@ def pointing_hits(cams: torch.Tensor, labels_cpu: torch.Tensor, boxes: Sequence[
 
 
 def keypoint_scores(strategy: str, cams: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
-                    boxes: Sequence[np.ndarray], image_size: tuple[int, int], k: int,
-                    min_distance: int) -> tuple[np.ndarray, np.ndarray]:
-    """(hits, distances) of the keypoints the strategy cuts at, with the training loop's own build_tasks.
+                    boxes: Sequence[np.ndarray], image_size: tuple[int, int], k: int, min_distance: int,
+                    keypoint_rule: str = "reference") -> tuple[np.ndarray, np.ndarray]:
+    """(hits, distances) of the cuts the strategy makes, with the training loop's own build_tasks and rule.
 
     Channel-wise strategies: one keypoint per (image, positive class), scored against that class's
     boxes. Max: one keypoint per image, scored against the boxes of all its positive classes
     (images without a positive class are left out).
     """
     rule = STRATEGIES[strategy]
-    tasks = build_tasks(rule, cams, labels, labels_cpu, image_size, k, min_distance)
+    tasks = build_tasks(rule, cams, labels, labels_cpu, image_size, k, min_distance, keypoint_rule)
     image_index, class_index = task_pairs(labels_cpu, rule.per_class)
     points = tasks.keypoints.cpu().numpy()
     if class_index is not None:
@@ -64,7 +64,8 @@ def keypoint_scores(strategy: str, cams: torch.Tensor, labels: torch.Tensor, lab
 
 @torch.no_grad()
 def score_localisation(tally: HitTally, cams: torch.Tensor, labels: torch.Tensor, boxes: Sequence[np.ndarray],
-                       image_size: tuple[int, int], k: int, min_distance: int) -> None:
+                       image_size: tuple[int, int], k: int, min_distance: int,
+                       keypoint_rule: str = "reference") -> None:
     """Add a batch to `tally`: the pointing game and the keypoint of every strategy in KEYPOINT_STRATEGIES.
 
     cams (B, C, h, w): the normalised CAMs (any resolution; upsampled to image_size like in training);
@@ -74,7 +75,8 @@ def score_localisation(tally: HitTally, cams: torch.Tensor, labels: torch.Tensor
     labels_cpu = labels.detach().cpu()
     tally.add(POINTING_GAME, pointing_hits(cams, labels_cpu, boxes, image_size))
     for strategy in KEYPOINT_STRATEGIES:
-        tally.add(strategy, *keypoint_scores(strategy, cams, labels, labels_cpu, boxes, image_size, k, min_distance))
+        tally.add(strategy, *keypoint_scores(strategy, cams, labels, labels_cpu, boxes, image_size, k, min_distance,
+                                             keypoint_rule))
 
 
 def flat_summary(tally: HitTally) -> dict[str, float]:
