@@ -142,8 +142,6 @@ def expected_metadata(run: LoadedRun, sha: str, split_name: str, ids: list[str],
 
 def prepare_folder(folder: Path, metadata: dict, resume: bool, overwrite: bool) -> None:
     """Refuse to mix CAMs of two checkpoints, splits or scale sets; --overwrite clears, --resume continues."""
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite exclude each other; pick one")
     make_folder(folder)
     recorded = read_metadata(folder)
     existing = sorted(folder.glob("*.npz"))
@@ -170,6 +168,8 @@ def make_split_cams(args: argparse.Namespace) -> Path:
     scales = parse_scales(args.scales)
     if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 0):
         raise UserError("--batch_size must be at least 1 and --num_workers not negative")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other; pick one")
     device = choose_device(args.device)
     run = load_run(args.tag, args.checkpoint, args.output_dir, device, teacher=args.teacher)
     split_name = args.split or default_split(run.config)
@@ -192,10 +192,9 @@ def make_split_cams(args: argparse.Namespace) -> Path:
         for views, indices in loader:
             width, height = sizes[int(indices[0])]
             cams = fuse_cams(run.model, [v.to(device, non_blocking=True) for v in views], (height, width), autocast)
-            cams = cams.cpu().numpy()
             for row, index in enumerate(indices.tolist()):
                 classes = np.flatnonzero(labels[index])
-                save_cams(cam_file(folder, split.ids[index]), classes, cams[row, classes])
+                save_cams(cam_file(folder, split.ids[index]), classes, cams[row, classes].cpu().numpy())
             progress.update(len(indices))
     print(f"{folder} holds the CAMs of all {len(split.ids)} images; score them with evaluate_cams.py (same --tag, "
           "--checkpoint and --split)")

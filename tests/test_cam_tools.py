@@ -255,6 +255,11 @@ def test_scales_must_be_positive_numbers(made, capsys, scales):
     assert not (made.exp / "never").exists()
 
 
+def test_resume_and_overwrite_exclude_each_other(made, capsys):
+    error_line(*call(make_cams.main, ["--tag", "rand", "--output_dir", made.exp, "--resume", "--overwrite"],
+                     capsys)[::2], "--resume", "--overwrite")
+
+
 def test_cams_of_another_checkpoint_or_split_are_refused(made, capsys, tmp_path):
     other = str(write_checkpoint(tmp_path / "other.pth", made.voc, seed=5))
     error_line(*call(evaluate_cams.main, ["--tag", "rand", "--checkpoint", other, "--cam_dir", made.folder,
