@@ -3,9 +3,10 @@
     python compare_experiments.py [--dir experiments] [--format markdown|csv] [--plot out.png]
 
 One row per run: its script and strategy, key flags, best validation mAP and its epoch, the last
-mAP, mAP_voc at the best epoch, iterations done and wall time. --plot draws val mAP against epoch
-for every run; it needs matplotlib, an optional extra that requirements.txt leaves out on purpose
-(pip install matplotlib).
+mAP, mAP_voc at the best epoch, iterations done, wall time and the first 12 hex digits of the best
+checkpoint's SHA-256 as the run recorded it (`sha256sum models/<tag>_best.pth` tells whether a file
+is that one). --plot draws val mAP against epoch for every run; it needs matplotlib, an optional
+extra that requirements.txt leaves out on purpose (pip install matplotlib).
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from tools.errors import UserError, run_cli
 
 FLAG_COLUMNS = ("architecture", "alpha_re", "alpha_p", "image_size", "batch_size")
 RESULT_COLUMNS = ("best_mAP", "best_epoch", "last_mAP", "mAP_voc_at_best")
+SHORT_HASH = 12  # hex digits of the best checkpoint's SHA-256 shown
 COLUMNS = ("tag", "script", "strategy", *FLAG_COLUMNS, *RESULT_COLUMNS, "iterations", "total_iterations",
-           "wall_time_s")  # the CSV's
-MARKDOWN_HEADERS = ("tag", "script / strategy", *FLAG_COLUMNS, *RESULT_COLUMNS, "iterations", "wall time")
+           "wall_time_s", "best_checkpoint")  # the CSV's
+MARKDOWN_HEADERS = ("tag", "script / strategy", *FLAG_COLUMNS, *RESULT_COLUMNS, "iterations", "wall time",
+                    "best checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +75,15 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def best_checkpoint_hash(history: dict, best: dict) -> str | None:
+    """Short SHA-256 of the run's best checkpoint: the history's record of the file, else the best validation's."""
+    recorded = history.get("checkpoint_sha256")
+    sha = recorded.get("best") if isinstance(recorded, dict) else None
+    if not isinstance(sha, str) and isinstance(best.get("checkpoints"), dict):
+        sha = best["checkpoints"].get("best")
+    return sha[:SHORT_HASH] if isinstance(sha, str) else None
+
+
 def summarize(history: dict) -> dict:
     """One table row of a run history (None where the history lacks the value)."""
     config = history["config"]
@@ -84,7 +96,7 @@ def summarize(history: dict) -> dict:
         **{key: config.get(key) for key in FLAG_COLUMNS}, "best_mAP": best.get("mAP"), "best_epoch": best.get("epoch"),
         "last_mAP": validation[-1]["mAP"] if validation else None, "mAP_voc_at_best": best.get("mAP_voc"),
         "iterations": int(max(done)) if done else None, "total_iterations": history.get("total_iterations"),
-        "wall_time_s": _number(history.get("wall_time")),
+        "wall_time_s": _number(history.get("wall_time")), "best_checkpoint": best_checkpoint_hash(history, best),
     }
 
 
@@ -114,7 +126,7 @@ def format_markdown(rows: list[dict]) -> str:
             done += f"/{row['total_iterations']}"
         cells = [_cell("tag", row["tag"]), f"{_cell('script', row['script'])} / {_cell('strategy', row['strategy'])}"]
         cells += [_cell(c, row[c]) for c in (*FLAG_COLUMNS, *RESULT_COLUMNS)]
-        cells += [done, _cell("wall_time_s", row["wall_time_s"])]
+        cells += [done, _cell("wall_time_s", row["wall_time_s"]), _cell("best_checkpoint", row["best_checkpoint"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

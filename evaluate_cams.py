@@ -40,7 +40,7 @@ from core.inspection import (
     safe_name,
 )
 from core.localisation import DISPLAY_NAMES, KEYPOINT_STRATEGIES, POINTING_GAME, score_localisation
-from tools.cam_files import cam_file, file_sha256, ids_sha256, load_cams, provenance_mismatch, read_metadata
+from tools.cam_files import cam_file, ids_sha256, load_cams, provenance_mismatch, read_metadata
 from tools.cam_metrics import (
     NUM_SEG_CLASSES,
     HitTally,
@@ -185,7 +185,8 @@ class Inputs:
 
 def resolve_inputs(args: argparse.Namespace) -> Inputs:
     path = resolve_checkpoint(args.tag, args.checkpoint, args.output_dir)
-    config = dict(read_checkpoint(path)["config"])
+    checkpoint, sha = read_checkpoint(path)
+    config = dict(checkpoint["config"])
     tag = args.tag or config.get("tag") or path.stem
     k = config.get("k", 5) if args.k is None else args.k
     min_distance = config.get("min_distance", 20) if args.min_distance is None else args.min_distance
@@ -195,9 +196,9 @@ def resolve_inputs(args: argparse.Namespace) -> Inputs:
     root = data_root(config, args.data_dir)
     split = load_split(root, split_name)
     check_masks(root, split)
-    expected = {"tag": tag, "checkpoint": str(path.resolve()), "checkpoint_sha256": file_sha256(path),
+    expected = {"tag": tag, "checkpoint": str(path), "checkpoint_sha256": sha,
                 "network": "teacher" if args.teacher else "student", "split": split_name,
-                "split_ids_sha256": ids_sha256(split.ids)}
+                "split_ids_sha256": ids_sha256(split.ids), "script": checkpoint.get("script"), "config": config}
     folder = locate_cams(args, expected, split_name)
     missing = [i for i in split.ids if not cam_file(folder, i).is_file()]
     if missing:
@@ -286,8 +287,9 @@ def evaluate_cams(args: argparse.Namespace) -> dict:
                "k": inputs.k, "min_distance": inputs.min_distance, "keypoint_rule": inputs.keypoint_rule,
                "num_images": len(split.ids),
                "data_root": str(inputs.root)}
-    print(f"{inputs.tag} ({result['network']}, {inputs.checkpoint}) CAMs of {split.name}: {len(split.ids)} images, "
-          f"{inputs.folder}")
+    print(f"# checkpoint {inputs.checkpoint} sha256 {result['checkpoint_sha256']} ({result['network']})")
+    print(f"{inputs.tag}: CAMs of {split.name} ({len(split.ids)} images) in {inputs.folder}, scales "
+          f"{result['scales']}")
     print(format_report(result))
     if args.save_pseudo_labels:
         count = write_pseudo_labels(inputs.folder, split.ids, result["best_threshold"], Path(args.save_pseudo_labels))

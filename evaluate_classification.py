@@ -8,7 +8,8 @@ image_size * scale (rounded to a multiple of 16); the logits of all scales (and 
     python evaluate_classification.py --tag T [--checkpoint best|last|PATH] [--teacher] [--split val]
         [--scales 1.0,0.5,1.5] [--flip]
 
-Writes OUTPUT_DIR/data/<tag>_eval_<split>[_teacher].csv and .json.
+Writes OUTPUT_DIR/data/<tag>_eval_<split>[_teacher].csv and .json; the JSON also holds the checkpoint's
+SHA-256 and the config it was trained with (printed first).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from core.inspection import (
     add_run_args,
     data_root,
     default_split,
+    describe_provenance,
     load_run,
     make_folder,
     safe_name,
@@ -171,6 +173,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     args.scales = parse_scales(args.scales)
     device = choose_device(args.device)
     run = load_run(args.tag, args.checkpoint, args.output_dir, device, teacher=args.teacher)
+    print("\n".join(describe_provenance(run)), flush=True)
     config = run.config
     if args.batch_size is None:  # the run's own batches: identical numbers to its logged evaluation
         args.batch_size = config.get("eval_batch_size") or config.get("batch_size") or 32
@@ -187,7 +190,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     result |= {"tag": run.tag, "checkpoint": str(run.path), "network": run.network, "epoch": run.epoch,
                "iteration": run.iteration, "data_root": str(root), "split": split_name, "num_images": len(split.ids),
                "image_size": config["image_size"], "scales": list(args.scales), "flip": args.flip,
-               "amp": str(autocast["dtype"]).removeprefix("torch.") if autocast["enabled"] else "off"}
+               "amp": str(autocast["dtype"]).removeprefix("torch.") if autocast["enabled"] else "off",
+               **run.provenance()}
     csv_path, json_path = output_paths(args.output_dir, run.tag, split_name, args.teacher)
     write_results(result, csv_path, json_path)
     print(f"{run.tag} ({run.network}, {run.path}, iteration {run.iteration}) on {split_name}: {len(split.ids)} "

@@ -2,10 +2,14 @@
 
     python infer.py IMAGE [IMAGE ...] (--tag T [--checkpoint best|last] | --checkpoint PATH)
         [--threshold 0.5] [--save_cam DIR] [--device auto]
+
+Prints two '# ' lines (the checkpoint's SHA-256, the recipe it was trained with), then one line per
+image. With --save_cam, DIR/predictions.json holds the predictions with the checkpoint's hash and config.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,7 @@ from core.inspection import (
     add_run_args,
     cam_overlay,
     denormalize,
+    describe_provenance,
     eval_input,
     load_run,
     make_folder,
@@ -66,12 +71,23 @@ def save_cams(folder: Path, stem: str, rgb: np.ndarray, cams: torch.Tensor, labe
     return paths
 
 
+def write_predictions(path: Path, provenance: dict, results: list, threshold: float) -> None:
+    """The labels of every image beside the checkpoint that produced them (its hash and config)."""
+    images = [{"image": str(image), "labels": [{"class": name, "score": score} for name, score in labels]}
+              for image, labels in results]
+    try:
+        path.write_text(json.dumps({**provenance, "threshold": threshold, "images": images}, indent=1) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {path} ({exc.strerror or exc}); choose another --save_cam folder") from None
+
+
 def infer(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]:
     if not 0.0 <= args.threshold <= 1.0:
         raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
     images = [open_image(path) for path in args.images]  # every path checked before any output
     device = choose_device(args.device)
     run = load_run(args.tag, args.checkpoint, args.output_dir, device)
+    print("\n".join(describe_provenance(run)), flush=True)
     size = run.config["image_size"]
     folder = make_folder(args.save_cam) if args.save_cam else None
     results, saved = [], 0
@@ -87,7 +103,8 @@ def infer(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]
             saved += len(save_cams(folder, f"{safe_name(Path(path).stem)}", denormalize(tensor), cams, labels,
                                    (fitted.height, fitted.width)))
     if folder is not None:
-        print(f"wrote {saved} CAM overlay(s) to {folder}")
+        write_predictions(folder / "predictions.json", run.provenance(), results, args.threshold)
+        print(f"wrote {saved} CAM overlay(s) and predictions.json to {folder}")
     return results
 
 

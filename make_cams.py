@@ -29,13 +29,21 @@ from tqdm import tqdm
 
 from core.builder import OUTPUT_STRIDE
 from core.config import AMP_DTYPES, OneLineParser, choose_device
-from core.inspection import LoadedRun, add_run_args, cam_folder, data_root, default_split, load_run, make_folder
+from core.inspection import (
+    LoadedRun,
+    add_run_args,
+    cam_folder,
+    data_root,
+    default_split,
+    describe_provenance,
+    load_run,
+    make_folder,
+)
 from evaluate_classification import autocast_settings, parse_scales
 from tools.augment import normalize
 from tools.cam_files import (
     METADATA_NAME,
     cam_file,
-    file_sha256,
     ids_sha256,
     provenance_mismatch,
     read_metadata,
@@ -133,10 +141,9 @@ def fuse_cams(model: torch.nn.Module, views: Sequence[torch.Tensor], size: tuple
 
 
 # ----------------------------------------------------------------------------- the folder
-def expected_metadata(run: LoadedRun, sha: str, split_name: str, ids: list[str], root: Path,
-                      scales: Sequence[float]) -> dict:
-    return {"tag": run.tag, "network": run.network, "checkpoint": str(run.path.resolve()), "checkpoint_sha256": sha,
-            "iteration": run.iteration, "split": split_name, "split_ids_sha256": ids_sha256(ids),
+def expected_metadata(run: LoadedRun, split_name: str, ids: list[str], root: Path, scales: Sequence[float]) -> dict:
+    """cams.json: the run's provenance (checkpoint path and SHA-256, script, config), the split, the scales."""
+    return {"tag": run.tag, **run.provenance(), "split": split_name, "split_ids_sha256": ids_sha256(ids),
             "num_images": len(ids), "data_root": str(root), "scales": list(scales), "flip": True}
 
 
@@ -177,7 +184,7 @@ def make_split_cams(args: argparse.Namespace) -> Path:
     split = load_split(root, split_name)  # labelled: the positive classes select the CAMs
     labels = labels_matrix(split)
     folder = Path(args.out) if args.out else cam_folder(args.output_dir, run.tag, split_name, args.teacher)
-    metadata = expected_metadata(run, file_sha256(run.path), split_name, split.ids, root, scales)
+    metadata = expected_metadata(run, split_name, split.ids, root, scales)
     prepare_folder(folder, metadata, args.resume, args.overwrite)
     todo = [i for i, image_id in enumerate(split.ids) if not cam_file(folder, image_id).exists()]
     sizes = image_sizes(root, split.ids)
@@ -186,6 +193,7 @@ def make_split_cams(args: argparse.Namespace) -> Path:
     loader = DataLoader(ScaledImages(root, split.ids, scales), batch_sampler=batches, num_workers=workers,
                         pin_memory=device.type == "cuda")
     autocast = autocast_settings(args.amp, run.config, device)
+    print("\n".join(describe_provenance(run)), flush=True)
     print(f"{run.tag} ({run.network}, {run.path}) on {split_name}: {len(todo)} of {len(split.ids)} images to do, "
           f"scales {','.join(f'{s:g}' for s in scales)} with flips, into {folder}")
     with tqdm(total=len(todo), desc="CAMs", leave=False, dynamic_ncols=True) as progress:

@@ -1,7 +1,12 @@
-"""OASS, cMax: one task per positive class, cut at that class's CAM argmax; EMA-teacher tiles."""
+"""OASS, cMax: one task per positive class, cut at that class's CAM argmax; EMA-teacher tiles; CSI head.
+
+Keypoint: core/keypoints.py argmax_cuts on each class's upsampled CAM (core/strategies.py build_tasks).
+Losses: core/losses.py classification_loss and puzzle_losses, weighted in core/step.py forward_losses.
+"""
 from core.trainer import main
 
-DEFAULTS = {"description": __doc__, "strategy": "cmax", "alpha_re": 3.0, "alpha_schedule_re": 0.05, "alpha_p": 0.5}
+DEFAULTS = {"description": __doc__, "strategy": "cmax", "head": "csi", "alpha_re": 3.0, "alpha_schedule_re": 0.05,
+            "alpha_p": 0.5}
 
 if __name__ == "__main__":
     main(DEFAULTS)

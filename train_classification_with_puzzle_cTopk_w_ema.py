@@ -1,7 +1,12 @@
-"""OASS, cTopk-w: as cTopk with a CAM-weighted mean of the peaks; EMA teacher."""
+"""OASS, cTopk-w: as cTopk with a CAM-weighted mean of the peaks; EMA teacher; CSI head.
+
+Keypoint: core/keypoints.py topk_weighted_cuts (rule B, method.md section 3; core/strategies.py build_tasks).
+Losses: core/losses.py classification_loss and puzzle_losses, weighted in core/step.py forward_losses.
+"""
 from core.trainer import main
 
-DEFAULTS = {"description": __doc__, "strategy": "ctopk_w", "alpha_re": 3.0, "alpha_schedule_re": 0.05, "alpha_p": 0.5}
+DEFAULTS = {"description": __doc__, "strategy": "ctopk_w", "head": "csi", "alpha_re": 3.0, "alpha_schedule_re": 0.05,
+            "alpha_p": 0.5}
 
 if __name__ == "__main__":
     main(DEFAULTS)

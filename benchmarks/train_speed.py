@@ -34,12 +34,10 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/train_speed.py` from 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from core.builder import Classifier  # noqa: E402
-from core.config import DEMO_DEFAULTS, autocast_settings, parse_args  # noqa: E402
+from core.config import DEMO_DEFAULTS, parse_args  # noqa: E402
 from core.data import EpochBatchSampler  # noqa: E402
-from core.ema import make_teacher  # noqa: E402
-from core.runtime import Runtime, setup_runtime, wrap_for_devices  # noqa: E402
-from core.step import StepContext, build_optimizer, train_step  # noqa: E402
+from core.runtime import Runtime, setup_runtime  # noqa: E402
+from core.step import StepContext, build_step, train_step  # noqa: E402
 from core.strategies import STRATEGIES  # noqa: E402
 from tools.augment import TrainTransform  # noqa: E402
 from tools.demo_data import default_demo_root, generate_demo_dataset  # noqa: E402
@@ -287,23 +285,17 @@ class Run:
 
 
 def build_run(name: str, variant: Variant, args: argparse.Namespace, runtime: Runtime, total: int) -> Run:
-    """Model, teacher, optimizer and scaler of one strategy, built as core.trainer.train builds them."""
+    """Model, teacher, optimizer and scaler of one strategy, built by the trainer's own build_step."""
     torch.manual_seed(args.seed)  # every strategy starts from the same weights
-    strategy = STRATEGIES[name]
-    student = Classifier(args.architecture, mode=args.mode, pretrained=args.pretrained).to(runtime.device)
-    teacher = make_teacher(student) if (strategy.puzzle and args.patch_network == "teacher") else None
-    if variant.channels_last:
-        student = student.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
-    optimizer = build_optimizer(student, args)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-    ctx = StepContext(strategy, wrap_for_devices(student, runtime, trainable=True),
-                      wrap_for_devices(teacher, runtime, trainable=False) if teacher is not None else None,
-                      args, autocast_settings(runtime.device, args.amp), optimizer, scaler,
-                      [g["lr"] for g in optimizer.param_groups], runtime.device, runtime.distributed,
-                      channels_last=variant.channels_last)
-    student.train()
-    return Run(variant, name, args, ctx, student, teacher, optimizer, scaler, [g["lr"] for g in optimizer.param_groups],
+    ctx = build_step(args, runtime)
+    if variant.channels_last != ctx.channels_last:
+        layout = torch.channels_last if variant.channels_last else torch.contiguous_format
+        for network in (ctx.student, ctx.teacher):
+            if network is not None:
+                network.to(memory_format=layout)
+        ctx.channels_last = variant.channels_last
+    ctx.student.train()
+    return Run(variant, name, args, ctx, ctx.bare_student, ctx.bare_teacher, ctx.optimizer, ctx.scaler, ctx.base_lrs,
                torch.zeros(6, device=runtime.device), torch.full((7,), -1.0, device=runtime.device), total)
 
 

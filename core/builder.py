@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
 
+from core.batchnorm import to_grouped_batchnorm
+from core.csi import CSIHead
 from tools.errors import UserError
 
 # name -> (constructor, ImageNet weights, channels of layer4)
@@ -85,16 +87,26 @@ def load_backbone_weights(resnet: tvm.ResNet, architecture: str, pretrained: str
         )
 
 
-class Classifier(nn.Module):
-    """ResNet backbone (output stride 16) + 1x1 conv head; logits are the GAP of the raw class maps."""
+HEADS = ("csi", "gap")
 
-    def __init__(self, architecture: str = "resnet50", num_classes: int = 20, mode: str = "fix",
-                 pretrained: str = "imagenet") -> None:
+
+class Classifier(nn.Module):
+    """ResNet backbone (output stride 16), a 1x1 conv producing the class maps, and the scoring head.
+
+    head "csi" (OASS): each class is scored through its Class-Specific Instance, the backbone map
+    masked by that class's CAM (core/csi.py). head "gap" (the baselines): logits = GAP(class maps).
+    forward returns (logits B x C, raw class maps B x C x H/16 x W/16).
+    """
+
+    def __init__(self, architecture: str = "resnet50", num_classes: int = 20, mode: str = "normal",
+                 pretrained: str = "imagenet", head: str = "gap") -> None:
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise UserError(f"--architecture {architecture} is not supported; choose one of {', '.join(ARCHITECTURES)}")
         if mode not in BN_MODES:
             raise UserError(f"--mode {mode} is not supported; choose fix or normal")
+        if head not in HEADS:
+            raise UserError(f"--head {head} is not supported; choose csi or gap")
         build, _, channels = ARCHITECTURES[architecture]
         resnet = build(weights=None)
         load_backbone_weights(resnet, architecture, pretrained)
@@ -103,37 +115,50 @@ class Classifier(nn.Module):
             resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
             resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4,
         )
+        # normal: BatchNorm that can follow the reference's per-call, per-GPU grouping (core/batchnorm.py)
         if mode == "fix":
             fix_batchnorm(self.backbone)
+        else:
+            to_grouped_batchnorm(self.backbone)
         self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=False)
         nn.init.kaiming_normal_(self.head.weight)
+        self.csi = CSIHead(channels, num_classes) if head == "csi" else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits B x C, raw class maps B x C x H/16 x W/16)."""
-        features = self.head(self.backbone(images))
-        return features.mean(dim=(2, 3)), features
+        x = self.backbone(images)
+        features = self.head(x)
+        if self.csi is None:
+            return features.mean(dim=(2, 3)), features
+        return self.csi(x, make_cams(features)), features
+
+
+def classifier_from_config(config: dict, num_classes: int = 20, pretrained: str = "none") -> Classifier:
+    """The network a run's saved config describes (defaults of runs saved before a flag existed)."""
+    return Classifier(config.get("architecture", "resnet50"), num_classes=config.get("num_classes", num_classes),
+                      mode=config.get("mode", "fix"), pretrained=pretrained, head=config.get("head", "gap"))
 
 
 def make_cams(features: torch.Tensor) -> torch.Tensor:
-    """CAM = ReLU(features), each channel divided by its spatial max (+1e-5)."""
-    cams = F.relu(features)
-    return cams / (cams.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    """The reference's CAM: a = ReLU(features); ReLU(a - 1e-5) / (max over h, w of a + 1e-5), per channel."""
+    positive = F.relu(features)
+    return F.relu(positive - 1e-5) / (positive.amax(dim=(2, 3), keepdim=True) + 1e-5)
 
 
 def parameter_groups(model: Classifier, lr: float, wd: float) -> list[dict]:
-    """The reference's four groups: backbone weights/biases, head weights/biases (x1, x2, x10, x20 lr)."""
-    groups = {key: [] for key in ("backbone_weight", "backbone_bias", "head_weight", "head_bias")}
+    """The reference's four groups: the ResNet's parameters are "pretrained", everything else "scratch";
+    weights get wd, biases none; lr x1 / x2 (pretrained weights / biases) and x10 / x20 (scratch)."""
+    groups = {key: [] for key in ("pretrained_weight", "pretrained_bias", "scratch_weight", "scratch_bias")}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "head" if name.startswith("head.") else "backbone"
-        kind = "weight" if name.endswith("weight") else "bias"
+        part = "pretrained" if name.startswith("backbone.") else "scratch"
+        kind = "bias" if name.endswith("bias") else "weight"
         groups[f"{part}_{kind}"].append(param)
     return [
-        {"name": "backbone_weight", "params": groups["backbone_weight"], "lr": lr, "weight_decay": wd},
-        {"name": "backbone_bias", "params": groups["backbone_bias"], "lr": 2 * lr, "weight_decay": 0.0},
-        {"name": "head_weight", "params": groups["head_weight"], "lr": 10 * lr, "weight_decay": wd},
-        {"name": "head_bias", "params": groups["head_bias"], "lr": 20 * lr, "weight_decay": 0.0},
+        {"name": "pretrained_weight", "params": groups["pretrained_weight"], "lr": lr, "weight_decay": wd},
+        {"name": "pretrained_bias", "params": groups["pretrained_bias"], "lr": 2 * lr, "weight_decay": 0.0},
+        {"name": "scratch_weight", "params": groups["scratch_weight"], "lr": 10 * lr, "weight_decay": wd},
+        {"name": "scratch_bias", "params": groups["scratch_bias"], "lr": 20 * lr, "weight_decay": 0.0},
     ]
 
 

@@ -6,8 +6,9 @@ import sys
 
 import torch
 
-from core.builder import ARCHITECTURES, BN_MODES
+from core.builder import ARCHITECTURES, BN_MODES, HEADS
 from core.strategies import STRATEGIES
+from tools.augment import AUGMENT_CHOICES
 from tools.errors import UserError
 
 # A CPU-sized recipe for --demo: random-init resnet18 at 128 px on the generated demo set, with the
@@ -76,7 +77,13 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--num_workers", type=int, default=4)
     # network
     a("--architecture", default="resnet50", choices=sorted(ARCHITECTURES))
-    a("--mode", default="fix", choices=BN_MODES, help="BatchNorm: fix = frozen statistics, trainable affine")
+    a("--mode", default="normal", choices=BN_MODES,
+      help="BatchNorm: normal (the reference), fix = frozen statistics with trainable affine (ablation)")
+    a("--head", default="gap", choices=HEADS,
+      help="csi: score each class through its Class-Specific Instance (OASS); gap: GAP of the class maps")
+    a("--reference_gpus", type=int, default=4,
+      help="BatchNorm statistics grouped as the reference's calls over N DataParallel GPUs (4: the published "
+      "run; 1: one GPU)")
     a("--pretrained", default="imagenet", help="imagenet | none | PATH to a torchvision ResNet state dict")
     # recipe
     a("--batch_size", type=int, default=32, help="images per optimizer step, over all GPUs/processes together")
@@ -89,13 +96,19 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--image_size", type=int, default=512)
     a("--min_image_size", type=int, default=320)
     a("--max_image_size", type=int, default=640)
+    a("--warmup_epoch", type=int, default=0, help="the reference's step warm-up of the lr (0: off)")
+    a("--warmup_epoch_iterations", type=int, default=661,
+      help="iterations per warm-up epoch; 661 is hard-coded in the reference (train_aug at batch 16)")
+    a("--augment", default="", choices=list(AUGMENT_CHOICES),
+      help="extra training augmentation of the reference: colorjitter, randaugment or both")
     a("--print_ratio", type=float, default=0.1, help="log every print_ratio of an epoch")
     a("--seed", type=int, default=0)
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     # OASS
     a("--strategy", default=defaults.get("strategy", "none"), choices=sorted(STRATEGIES))
     a("--alpha_re", type=float, default=0.0, help="weight of the re-construction loss (after warm-up)")
-    a("--alpha_schedule_re", type=float, default=0.5, help="fraction of training over which alpha_re ramps up")
+    a("--alpha_schedule_re", type=float, default=0.5,
+      help="fraction of training over which alpha_re ramps up (0: constant alpha_re)")
     a("--alpha_p", type=float, default=1.0, help="weight of the patch classification loss")
     a("--alpha", type=float, default=None, help="Puzzle-CAM's name for --alpha_re")
     a("--alpha_schedule", type=float, default=None, help="Puzzle-CAM's name for --alpha_schedule_re")
@@ -105,6 +118,8 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--num_pieces", type=int, default=4, choices=[4], help="Puzzle-CAM flag; OASS always cuts into 4")
     a("--k", type=int, default=5, help="peaks per class for the top-k strategies")
     a("--min_distance", type=int, default=20, help="peak suppression radius in input pixels")
+    a("--keypoint_rule", default="reference", choices=["reference", "clean"],
+      help="reference: the official scripts' rules, quirks included; clean: float means, no 128-px filter")
     a("--alpha_ema", type=float, default=0.99, help="EMA teacher momentum (upper bound of the warm-up)")
     a("--patch_network", default=None, choices=["teacher", "student"],
       help="network the tiles go through (default: the strategy's)")
@@ -160,8 +175,13 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.momentum < 0 or args.momentum >= 1, f"--momentum must be in [0, 1), got {args.momentum}"),
         (args.nesterov and args.momentum == 0, "--nesterov true needs a positive --momentum"),
         (min(args.alpha_re, args.alpha_p) < 0, "loss weights --alpha_re/--alpha and --alpha_p must not be negative"),
-        (args.alpha_schedule_re <= 0 or args.alpha_schedule_re > 1,
-         f"--alpha_schedule_re must be in (0, 1], got {args.alpha_schedule_re}"),
+        (not 0 <= args.alpha_schedule_re <= 1,
+         f"--alpha_schedule_re must be in [0, 1] (0: constant), got {args.alpha_schedule_re}"),
+        (args.reference_gpus < 1, f"--reference_gpus must be at least 1 (1: one GPU), got {args.reference_gpus}"),
+        (args.reference_gpus >= 1 and args.batch_size % args.reference_gpus,
+         f"--reference_gpus {args.reference_gpus} must divide --batch_size {args.batch_size} (each GPU's share)"),
+        (args.warmup_epoch < 0, f"--warmup_epoch must not be negative (0: off), got {args.warmup_epoch}"),
+        (args.warmup_epoch_iterations < 1, "--warmup_epoch_iterations must be at least 1"),
         (args.k < 1, f"--k must be at least 1, got {args.k}"),
         (args.min_distance < 0, f"--min_distance must not be negative, got {args.min_distance}"),
         (not 0 <= args.alpha_ema < 1, f"--alpha_ema must be in [0, 1), got {args.alpha_ema}"),

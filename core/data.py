@@ -84,7 +84,7 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     root = resolve_data_root(args, runtime)
     train_split = load_split(root, args.train_split)
     val_split = load_split(root, args.val_split)
-    transform = TrainTransform(args.image_size, args.min_image_size, args.max_image_size)
+    transform = TrainTransform(args.image_size, args.min_image_size, args.max_image_size, augment=args.augment)
     train_set = VOCClassification(root, train_split, transform, args.skip_bad_images)
     val_set = VOCClassification(root, val_split, EvalTransform(args.image_size), args.skip_bad_images)
     sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size,

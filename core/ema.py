@@ -1,17 +1,16 @@
-"""The EMA teacher: a gradient-free copy of the student, updated after every optimizer step."""
+"""The EMA teacher: a second network that never receives gradients, following the student's parameters."""
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn as nn
 
 
-def make_teacher(student: nn.Module) -> nn.Module:
-    teacher = copy.deepcopy(student)
-    for param in teacher.parameters():
+def freeze_as_teacher(network: nn.Module) -> nn.Module:
+    """The reference builds the teacher as an independent network (its own random heads) and detaches
+    its parameters; the first update (a = 0) makes them the student's. It stays in train mode."""
+    for param in network.parameters():
         param.requires_grad_(False)
-    return teacher
+    return network.train()
 
 
 def ema_momentum(step: int, alpha_ema: float) -> float:
@@ -21,7 +20,6 @@ def ema_momentum(step: int, alpha_ema: float) -> float:
 
 @torch.no_grad()
 def update_teacher(teacher: nn.Module, student: nn.Module, step: int, alpha_ema: float) -> None:
-    """teacher <- a * teacher + (1 - a) * student for every parameter; buffers are copied."""
+    """teacher <- a * teacher + (1 - a) * student, parameters only: BatchNorm buffers stay the teacher's own."""
     a = ema_momentum(step, alpha_ema)
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1.0 - a)
-    torch._foreach_copy_(list(teacher.buffers()), list(student.buffers()))

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.builder import Classifier, make_cams
+from core.builder import Classifier, classifier_from_config, make_cams
 from core.keypoints import upsample_maps
+from core.recipe import RUN_DEFINING_FLAGS
 from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_size
-from tools.checkpoint import load_checkpoint
+from tools.checkpoint import load_checkpoint_and_hash
 from tools.demo_data import FORMAT_VERSION as DEMO_FORMAT_VERSION
 from tools.demo_data import MARKER_NAME, default_demo_root, generate_demo_dataset
 from tools.errors import UserError
@@ -101,17 +102,18 @@ def resolve_checkpoint(tag: str | None, checkpoint: str | None, output_dir: str 
                     "pass --output_dir DIR where the run wrote its models/, or --checkpoint PATH")
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint of this repo's trainer (a dict with 'model' and 'config'), loaded on the CPU."""
-    checkpoint = load_checkpoint(path)
+def read_checkpoint(path: Path) -> tuple[dict, str]:
+    """(checkpoint, its SHA-256) of this repo's trainer (a dict with 'model' and 'config'), loaded on
+    the CPU with weights_only=True: a file that would run code is refused, never unpickled."""
+    checkpoint, sha = load_checkpoint_and_hash(path)
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
         raise UserError(f"{path} is not a checkpoint of the training scripts (no 'model'/'config' entries)")
-    return checkpoint
+    return checkpoint, sha
 
 
 def build_classifier(config: dict, state: dict, device: torch.device) -> Classifier:
     """The run's network rebuilt from its config (no ImageNet download) with `state` loaded, in eval mode."""
-    model = Classifier(config.get("architecture", "resnet50"), mode=config.get("mode", "fix"), pretrained="none")
+    model = classifier_from_config(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -130,13 +132,28 @@ class LoadedRun:
     network: str  # "student" or "teacher"
     epoch: float
     iteration: int
+    sha256: str = ""  # of the checkpoint file's bytes: which file produced a reported number
+    script: str | None = None  # the training script that wrote it
+
+    def provenance(self) -> dict:
+        """What outputs store about the checkpoint behind them (see README: provenance)."""
+        return {"checkpoint": str(self.path), "checkpoint_sha256": self.sha256, "script": self.script,
+                "network": self.network, "iteration": self.iteration, "config": self.config}
+
+
+def describe_provenance(run: LoadedRun) -> list[str]:
+    """Two '# ' lines for the tools' output: the checkpoint and its hash, and the recipe it was trained
+    with (the run-defining flags; outputs store the whole config)."""
+    flags = " ".join(f"{name}={run.config[name]}" for name in RUN_DEFINING_FLAGS if name in run.config)
+    return [f"# checkpoint {run.path} sha256 {run.sha256} ({run.network}, iteration {run.iteration})",
+            f"# trained with: {run.script or 'unknown script'} {flags}"]
 
 
 def load_run(tag: str | None, checkpoint: str | None, output_dir: str | Path, device: torch.device,
              teacher: bool = False) -> LoadedRun:
     """Checkpoint of --tag/--checkpoint, its network (the EMA teacher with teacher=True) ready to evaluate."""
     path = resolve_checkpoint(tag, checkpoint, output_dir)
-    ckpt = read_checkpoint(path)
+    ckpt, sha = read_checkpoint(path)
     config = dict(ckpt["config"])
     if teacher and ckpt.get("teacher") is None:
         raise UserError(f"{path} holds no EMA teacher (strategy {config.get('strategy')}, patch network "
@@ -145,7 +162,8 @@ def load_run(tag: str | None, checkpoint: str | None, output_dir: str | Path, de
     model = build_classifier(config, state, device)
     return LoadedRun(path=path, tag=tag or config.get("tag") or path.stem, config=config, model=model,
                      network="teacher" if teacher else "student", epoch=float(ckpt.get("epoch", 0.0)),
-                     iteration=int(ckpt.get("iteration", 0)))
+                     iteration=int(ckpt.get("iteration", 0)), sha256=sha,
+                     script=ckpt.get("script") or (ckpt.get("history") or {}).get("script"))
 
 
 # ----------------------------------------------------------------------------- data

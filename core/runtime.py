@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from core.config import choose_device
+from tools.checkpoint import plain_rng_states, raw_rng_states
 from tools.errors import UserError
 
 
@@ -45,6 +46,12 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
             f"--batch_size {args.batch_size} is not divisible by world size {world_size} x --accum_steps "
             f"{args.accum_steps}; pick a multiple of {world_size * args.accum_steps}"
         )
+    micro, chunk = args.batch_size // (world_size * args.accum_steps), args.batch_size // args.reference_gpus
+    if micro > chunk and micro % chunk:
+        raise UserError(
+            f"each process's micro-batch ({micro} images) must hold whole BatchNorm chunks of --batch_size / "
+            f"--reference_gpus = {chunk} images; change --reference_gpus, --accum_steps or the number of processes"
+        )
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -59,18 +66,21 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_states() -> dict:
+    """Every generator's state in plain form (lists, ints, tensors): a checkpoint stays weights_only-loadable."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    return plain_rng_states(states)
 
 
 def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    """Restore the states that rng_states() returned."""
+    raw = raw_rng_states(states)
+    random.setstate(raw["python"])
+    np.random.set_state(raw["numpy"])
+    torch.set_rng_state(raw["torch"])
+    if "cuda" in raw and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(raw["cuda"])
 
 
 def wrap_for_devices(model: nn.Module, runtime: Runtime, trainable: bool) -> nn.Module:
@@ -81,6 +91,14 @@ def wrap_for_devices(model: nn.Module, runtime: Runtime, trainable: bool) -> nn.
     if not runtime.distributed and runtime.device.type == "cuda" and torch.cuda.device_count() > 1:
         return nn.DataParallel(model)
     return model
+
+
+def broadcast_buffers(model: nn.Module, runtime: Runtime) -> None:
+    """Give every rank rank 0's BatchNorm statistics (those of the reference's first chunk), as DDP does at
+    the start of its next forward; validation shards are scored by every rank, so they must agree first."""
+    if runtime.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from core.batchnorm import BNPlan, bn_plan
 from core.builder import Classifier, make_cams, parameter_groups, poly_lr_factor
 from core.config import autocast_settings
-from core.ema import make_teacher, update_teacher
+from core.ema import freeze_as_teacher, update_teacher
 from core.losses import classification_loss, puzzle_losses
-from core.puzzle import clamp_keypoints, grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
+from core.puzzle import grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
 from core.runtime import Runtime, unwrap, wrap_for_devices
 from core.strategies import STRATEGIES, Strategy, build_tasks
 
@@ -51,11 +52,18 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.S
                            nesterov=args.nesterov)
 
 
-def build_step(args: argparse.Namespace, runtime: Runtime) -> StepContext:
+def build_model(args: argparse.Namespace, num_classes: int = 20) -> Classifier:
+    return Classifier(args.architecture, num_classes=num_classes, mode=args.mode, pretrained=args.pretrained,
+                      head=args.head)
+
+
+def build_step(args: argparse.Namespace, runtime: Runtime, num_classes: int = 20) -> StepContext:
     """Student, EMA teacher (strategies that cut through it), optimiser and scaler, on the run's device."""
     strategy = STRATEGIES[args.strategy]
-    student = Classifier(args.architecture, mode=args.mode, pretrained=args.pretrained).to(runtime.device)
-    teacher = make_teacher(student) if (strategy.puzzle and args.patch_network == "teacher") else None
+    student = build_model(args, num_classes).to(runtime.device)
+    teacher = None
+    if strategy.puzzle and args.patch_network == "teacher":  # built after the student, as the reference does
+        teacher = freeze_as_teacher(build_model(args, num_classes).to(runtime.device))
     channels_last = runtime.device.type == "cuda"
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
@@ -69,19 +77,51 @@ def build_step(args: argparse.Namespace, runtime: Runtime) -> StepContext:
         runtime.device, runtime.distributed, channels_last)
 
 
-def patch_features(network: nn.Module, tiles: torch.Tensor, chunk: int, no_grad: bool) -> torch.Tensor:
-    """Class maps of all tiles, in chunks of `chunk` tiles when memory needs it (0 = one forward)."""
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad):
+def student_plan(args: argparse.Namespace, micro_batch: int) -> BNPlan:
+    """The reference called the student once per batch; DataParallel cut it into reference_gpus chunks."""
+    return BNPlan(args.batch_size // args.reference_gpus, micro_batch)
+
+
+def tile_plan(strategy: Strategy, args: argparse.Namespace, num_tiles: int) -> BNPlan:
+    """Per-task strategies: one call of 4 tiles per task. Puzzle-CAM: one call holding every tile,
+    ordered by quadrant (the caller reorders the tiles so)."""
+    call = num_tiles if strategy.one_tile_call else 4
+    return BNPlan.for_calls(call, args.reference_gpus)
+
+
+def patch_features(network: nn.Module, tiles: torch.Tensor, plan: BNPlan, chunk: int, no_grad: bool) -> torch.Tensor:
+    """Class maps of all tiles, in chunks of `chunk` tiles (whole calls) when memory or speed needs it."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad), bn_plan(unwrap(network), plan):
         if chunk <= 0 or tiles.shape[0] <= chunk:
             return network(tiles)[1]
+        chunk = max(plan.call_size, chunk // plan.call_size * plan.call_size)
         return torch.cat([network(part)[1] for part in torch.split(tiles, chunk)])
+
+
+def tile_maps_of_tasks(ctx: StepContext, images: torch.Tensor, image_index: torch.Tensor,
+                       cuts: torch.Tensor) -> torch.Tensor:
+    """The patch network's class maps of every task's four tiles, task-major (4N, C, h/2, w/2)."""
+    args, strategy = ctx.args, ctx.strategy
+    tiles = split_at_keypoints(images, image_index, cuts)
+    if strategy.one_tile_call:  # Puzzle-CAM's one call is ordered by quadrant: all top-left tiles first, ...
+        tiles = tiles.unflatten(0, (-1, 4)).transpose(0, 1).flatten(0, 1)
+    # the same memory layout as the images, so that DDP's gradient buckets keep their layout
+    tiles = tiles.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+    use_teacher = args.patch_network == "teacher"
+    network = ctx.teacher if use_teacher else ctx.student
+    chunk = 0 if strategy.one_tile_call else args.patch_chunk
+    with torch.autocast(**ctx.autocast):
+        maps = patch_features(network, tiles, tile_plan(strategy, args, tiles.shape[0]), chunk, use_teacher)
+    if strategy.one_tile_call:
+        maps = maps.unflatten(0, (4, -1)).transpose(0, 1).flatten(0, 1)
+    return maps.float()
 
 
 def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
                    alpha_re: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Total loss of a micro-batch and its stats [loss, class, p_class, re, tasks, keypoint distance]."""
     args = ctx.args
-    with torch.autocast(**ctx.autocast):
+    with torch.autocast(**ctx.autocast), bn_plan(ctx.bare_student, student_plan(args, images.shape[0])):
         logits, features = ctx.student(images)
         class_loss = classification_loss(logits.float(), labels)
     zero = class_loss.detach() * 0
@@ -90,16 +130,11 @@ def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
     if ctx.strategy.puzzle:
         height, width = images.shape[-2:]
         tasks = build_tasks(ctx.strategy, make_cams(features.detach().float()), labels, labels_cpu,
-                            (height, width), args.k, args.min_distance)
-        cuts = clamp_keypoints(tasks.keypoints, height, width)
-        tiles = split_at_keypoints(images, tasks.image_index, cuts)
-        # the same memory layout as the images, so that DDP's gradient buckets keep their layout
-        tiles = tiles.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
-        use_teacher = args.patch_network == "teacher"
-        network = ctx.teacher if use_teacher else ctx.student
-        with torch.autocast(**ctx.autocast):
-            tile_maps = patch_features(network, tiles, args.patch_chunk, no_grad=use_teacher)
-        stitched = stitch_tiles(tile_maps.float(), grid_cuts_from_pixel_cuts(cuts), tuple(features.shape[-2:]))
+                            (height, width), args.k, args.min_distance, args.keypoint_rule,
+                            radius=height // 4)  # the reference's 128 px at 512 px
+        cuts = tasks.keypoints
+        tile_maps = tile_maps_of_tasks(ctx, images, tasks.image_index, cuts)
+        stitched = stitch_tiles(tile_maps, grid_cuts_from_pixel_cuts(cuts), tuple(features.shape[-2:]))
         p_class_loss, re_loss = puzzle_losses(features.float(), stitched, tasks.image_index, tasks.targets,
                                               args.re_loss, args.re_loss_option == "masking")
         num_tasks = zero + len(tasks)
@@ -115,7 +150,7 @@ def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int
     """One optimizer step of iteration `iteration` of `total` over its micro-batches [(images, labels)]:
     poly lr and alpha_re, forward/backward of each micro-batch, the step, the EMA teacher update.
     Returns the micro-batch mean of forward_losses' stats, on the device (no sync)."""
-    factor = poly_lr_factor(iteration, total)
+    factor = lr_factor(ctx.args, iteration, total)
     for group, lr0 in zip(ctx.optimizer.param_groups, ctx.base_lrs):
         group["lr"] = lr0 * factor
     alpha_re = alpha_re_at(ctx.args, iteration, total)
@@ -141,5 +176,18 @@ def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int
 
 
 def alpha_re_at(args: argparse.Namespace, iteration: int, total: int) -> float:
-    """alpha_re(t) = min(alpha_re * t / (T * alpha_schedule_re), alpha_re)."""
+    """alpha_re(t) = min(alpha_re * t / (T * alpha_schedule_re), alpha_re); schedule 0: constant (Puzzle-CAM)."""
+    if args.alpha_schedule_re == 0:
+        return args.alpha_re
     return min(args.alpha_re * iteration / (total * args.alpha_schedule_re), args.alpha_re)
+
+
+def lr_factor(args: argparse.Namespace, iteration: int, total: int) -> float:
+    """The reference's lr multiplier: its step warm-up while iteration < (warmup_epoch - 1) * E, then poly.
+
+    E is the reference's hard-coded 661 iterations per epoch unless --warmup_epoch_iterations says otherwise.
+    """
+    epoch_steps = args.warmup_epoch_iterations
+    if iteration < (args.warmup_epoch - 1) * epoch_steps:
+        return (iteration // epoch_steps + 1) / args.warmup_epoch
+    return poly_lr_factor(iteration, total)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +19,12 @@ from core.config import parse_args
 from core.data import RunData, build_data
 from core.evaluation import evaluate, log_val_cams
 from core.localisation import format_summary
-from core.runtime import Runtime, rng_states, seed_everything, set_rng_states, setup_runtime
+from core.recipe import check_resume, check_stop, current_script
+from core.runtime import Runtime, broadcast_buffers, rng_states, seed_everything, set_rng_states, setup_runtime
 from core.step import LOSS_TERMS, StepContext, alpha_re_at, build_step, train_step
 from core.strategies import STRATEGIES
 from core.tb_logging import close_writer, log_scalars, make_writer
-from tools.checkpoint import restart_from_checkpoint, save_checkpoint, write_json
+from tools.checkpoint import load_checkpoint_and_hash, plain_values, restore_states, save_checkpoint, write_json
 from tools.errors import UserError, run_cli
 from tools.metrics import chance_map
 from tools.run_files import History, Logger, RunFiles
@@ -75,13 +75,21 @@ class Run:
 
     # ------------------------------------------------------------------------- checkpoints
     def restore(self) -> None:
-        ctx = self.ctx
-        ckpt = restart_from_checkpoint(self.files.checkpoint("last"), model=ctx.bare_student,
-                                       teacher=ctx.bare_teacher, optimizer=ctx.optimizer, scaler=ctx.scaler)
+        """Continue from <tag>_last.pth, refusing (before anything is restored or written) another
+        script or recipe; the resume and the loaded file's hash are recorded in the history."""
+        ctx, path = self.ctx, self.files.checkpoint("last")
+        ckpt, sha = load_checkpoint_and_hash(path)
+        changed = check_resume(ckpt, vars(self.args), current_script(), path)
+        check_stop(ckpt["iteration"], self.stop_at, self.total, path)
+        restore_states(ckpt, path, model=ctx.bare_student, teacher=ctx.bare_teacher, optimizer=ctx.optimizer,
+                       scaler=ctx.scaler)
         self.iteration, self.best_map = ckpt["iteration"], ckpt["best_mAP"]
         self.history = History.from_dict(ckpt["history"], config=vars(self.args).copy())
         self.wall_start = time.time() - self.history.extra.get("wall_time", 0.0)
         set_rng_states(ckpt["rng"])
+        self.record_checkpoint("last", sha)  # the file on disk; its own history could not hold its hash
+        self.history.extra.setdefault("resumes", []).append(
+            {"iteration": self.iteration, "checkpoint_sha256": sha, "changed": changed})
 
     def checkpoint_state(self) -> dict:
         ctx, teacher = self.ctx, self.ctx.bare_teacher
@@ -90,8 +98,15 @@ class Run:
                 "teacher": teacher.state_dict() if teacher is not None else None,
                 "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
                 "iteration": self.iteration, "epoch": self.iteration / self.iters_per_epoch,
-                "best_mAP": self.best_map, "config": vars(self.args).copy(), "history": self.history.as_dict(),
-                "rng": rng_states()}
+                "best_mAP": float(self.best_map), "config": plain_values(vars(self.args)), "script": current_script(),
+                "history": plain_values(self.history.as_dict()), "rng": rng_states()}
+
+    def record_checkpoint(self, which: str, sha: str) -> None:
+        """Provenance: the file's SHA-256 at the top of the history and beside this iteration's validation."""
+        self.history.extra.setdefault("checkpoint_sha256", {})[which] = sha
+        validation = self.history.validation
+        if validation and validation[-1]["iteration"] == self.iteration:
+            validation[-1].setdefault("checkpoints", {})[which] = sha
 
     def check_finite(self) -> None:
         values = self.bad.tolist()
@@ -114,7 +129,7 @@ class Run:
         self.check_finite()
         self.check_weights()
         if self.runtime.is_main:
-            save_checkpoint(self.checkpoint_state(), self.files.checkpoint(which))
+            self.record_checkpoint(which, save_checkpoint(self.checkpoint_state(), self.files.checkpoint(which)))
             if which == "last":
                 write_json(self.history.as_dict(), self.files.history)
 
@@ -124,7 +139,10 @@ class Run:
             return
         args, data, strategy = self.args, self.data, self.ctx.strategy
         if args.resume:
-            self.log(f"# resumed from {self.files.checkpoint('last')} at iteration {self.iteration}")
+            resume = self.history.extra["resumes"][-1]
+            changed = "".join(f"; {k} {old} → {new}" for k, (old, new) in resume["changed"].items())
+            self.log(f"# resumed from {self.files.checkpoint('last')} at iteration {self.iteration} "
+                     f"(sha256 {resume['checkpoint_sha256']}{changed})")
         else:
             self.log(describe_config(args, {"data_root": data.root, "train_images": len(data.train_set),
                                             "val_images": len(data.val_set), "world_size": self.runtime.world_size,
@@ -166,10 +184,14 @@ class Run:
         # the bare module under DDP: ranks may run different numbers of eval batches, so no
         # collective may hide in the forward
         model = ctx.bare_student if runtime.distributed else ctx.student
+        for network in (ctx.bare_student, ctx.bare_teacher):
+            if network is not None:
+                broadcast_buffers(network, runtime)
         result = evaluate(model, data.val_set, data.val_targets, data.val_ignore, args, runtime, ctx.autocast, "val",
                           boxes=data.val_boxes)
         record = {"epoch": round(self.iteration / self.iters_per_epoch, 3), "iteration": self.iteration,
-                  "mAP": result["mAP"], "mAP_voc": result["mAP_voc"], "num_images": result["num_images"],
+                  "mAP": result["mAP"], "mAP_voc": result["mAP_voc"], "eval_class_loss": result["eval_class_loss"],
+                  "num_images": result["num_images"],
                   **result["localisation"]}  # is the CAM on the object: pointing game, keypoint hit rates
         teacher = ctx.bare_teacher
         if teacher is not None:
@@ -183,9 +205,11 @@ class Run:
         teacher_part = f" mAP_teacher {record['mAP_teacher']:.2f}" if teacher is not None else ""
         self.log(f"[val] epoch {record['epoch']:.2f} iteration {self.iteration}: mAP {record['mAP']:.2f} "
                  f"mAP_voc {record['mAP_voc']:.2f}{teacher_part} best {self.best_map:.2f} "
+                 f"eval_class_loss {record['eval_class_loss']:.4f} "
                  f"(chance {chance:.2f}, {result['num_images']} images); {format_summary(result['localisation'])}")
-        log_scalars(self.writer, self.iteration, {f"val/{k}": v for k, v in record.items()
-                                                  if k.startswith("mAP") or k in result["localisation"]})
+        scalars = {f"val/{k}": v for k, v in record.items()
+                   if k.startswith(("mAP", "eval_")) or k in result["localisation"]}
+        log_scalars(self.writer, self.iteration, scalars)
         if self.writer is not None:
             log_val_cams(self.writer, self.iteration, ctx.bare_student, data.val_set, runtime.device)
         if improved:
@@ -241,7 +265,7 @@ def train(args: argparse.Namespace) -> dict:
         run.restore()
     chance = chance_map(data.val_targets)
     run.history.extra.update({"chance_mAP": chance, "strategy_summary": strategy.summary,
-                              "script": Path(sys.argv[0]).name, "iterations_per_epoch": run.iters_per_epoch,
+                              "script": current_script(), "iterations_per_epoch": run.iters_per_epoch,
                               "total_iterations": run.total})
     run.log_header(chance)
     run.writer = make_writer(files.root / "tensorboard" / args.tag) if runtime.is_main else None  # optional

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = str(ROOT / "train_classification_with_puzzle_max.py")
-# BN in fix mode: batch statistics would differ between 2 x b and 2b by construction
+# cTopk-w: the student is called once per batch, so under torchrun rank 0 holds the reference's first
+# BatchNorm chunk and the running statistics agree too (Max's per-image tile calls would be split).
+SCRIPT = str(ROOT / "train_classification_with_puzzle_cTopk_w_ema.py")
+# backbone BN in fix mode, 4 reference chunks of 2 images: the CSI head's batch statistics are per chunk,
+# the same whether the 8 images sit in one process or two
 FLAGS = ["--train_split", "main:train", "--val_split", "main:val", "--architecture", "resnet18", "--mode", "fix",
          "--pretrained", "none", "--image_size", "64", "--min_image_size", "48", "--max_image_size", "80",
          "--batch_size", "8", "--num_workers", "0", "--lr", "0.01", "--max_iterations", "2", "--device", "cpu"]
@@ -29,9 +32,10 @@ def weights(out: Path, tag: str) -> dict:
     return torch.load(out / "models" / f"{tag}_last.pth", map_location="cpu", weights_only=False)["model"]
 
 
-def assert_close_weights(a: dict, b: dict) -> None:
+def assert_close_weights(a: dict, b: dict, statistics: bool = True) -> None:
     for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5, rtol=1e-4), key
+        if statistics or not ("running" in key or "num_batches" in key):
+            assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5, rtol=1e-4), key
 
 
 def history(out: Path, tag: str) -> dict:
@@ -62,7 +66,9 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_voc, single_run, tmp_
     res = subprocess.run([sys.executable, SCRIPT, "--data_dir", str(tiny_voc), *FLAGS, "--accum_steps", "2",
                           "--output_dir", str(tmp_path), "--tag", "accum"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert_close_weights(weights(tmp_path, "accum"), weights(single_run, "single"))
+    # parameters only: each micro-batch is its own student call, so the running statistics are updated
+    # from the first chunk of each (two updates where the reference made one)
+    assert_close_weights(weights(tmp_path, "accum"), weights(single_run, "single"), statistics=False)
 
 
 def test_bf16_autocast_runs_on_cpu(tiny_voc, tmp_path):

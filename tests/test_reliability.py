@@ -30,7 +30,7 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

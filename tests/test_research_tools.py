@@ -77,7 +77,8 @@ def call(main, argv: list[str], capsys) -> tuple[int, str, str]:
 
 def load_model(path: Path, key: str = "model") -> Classifier:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = Classifier(ckpt["config"]["architecture"], mode=ckpt["config"]["mode"], pretrained="none")
+    model = Classifier(ckpt["config"]["architecture"], mode=ckpt["config"]["mode"], pretrained="none",
+                       head=ckpt["config"]["head"])
     model.load_state_dict(ckpt[key])
     return model.eval()
 
@@ -284,7 +285,8 @@ def test_infer_labels_and_scores_match_a_direct_computation(run, capsys):
     code, out, err = call(infer.main, [*paths, "--tag", "tiny", "--output_dir", run.exp, "--threshold", threshold,
                                        "--save_cam", cams], capsys)
     assert code == 0, err
-    lines = out.strip().splitlines()
+    provenance, lines = out.strip().splitlines()[:2], out.strip().splitlines()[2:]  # '# checkpoint', '# trained with'
+    assert provenance[0].startswith("# checkpoint") and provenance[1].startswith("# trained with")
     assert len(lines) == 3 and str(cams) in lines[-1]
     saved = 0
     for path, line, p in zip(paths, lines, probs):

@@ -44,6 +44,8 @@ def test_script_smoke_run(script, tiny_voc, tmp_path):
         assert all(math.isfinite(row[k]) for k in ("loss", "class_loss", "p_class_loss", "re_loss"))
     last = history["validation"][-1]
     assert last["iteration"] == 3 and 0 <= last["mAP"] <= 100 and 0 <= last["mAP_voc"] <= 100
+    assert math.isfinite(last["eval_class_loss"]) and last["eval_class_loss"] > 0
+    assert history["config"]["head"] == ("csi" if SCRIPTS[script] not in ("none", "puzzle") else "gap")
     assert last["best_mAP"] == max(v["mAP"] for v in history["validation"])
     puzzle = SCRIPTS[script] != "none"
     assert (history["train"][-1]["tasks_per_batch"] > 0) == puzzle
@@ -79,7 +81,15 @@ def test_wrong_data_dir_is_one_line_and_exit_2(tmp_path):
     (["--alpha_p", "-0.5"], "must not be negative"),
     (["--accum_steps", "0"], "--accum_steps"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16"),
-    (["--batch_size", "6", "--accum_steps", "4"], "not divisible"),
+    (["--batch_size", "6", "--accum_steps", "4", "--reference_gpus", "1"], "not divisible"),
+    (["--head", "mlp"], "--head"),
+    (["--keypoint_rule", "fancy"], "--keypoint_rule"),
+    (["--reference_gpus", "0"], "--reference_gpus"),
+    (["--reference_gpus", "3"], "--reference_gpus"),
+    (["--batch_size", "12", "--accum_steps", "3"], "whole BatchNorm chunks"),
+    (["--warmup_epoch", "-1"], "--warmup_epoch"),
+    (["--augment", "mixup"], "--augment"),
+    (["--alpha_schedule_re", "-0.1"], "--alpha_schedule_re"),
     (["--train_split", "nosuchsplit"], "nosuchsplit"),
     (["--architecture", "vgg16"], "vgg16"),
 ])

@@ -26,18 +26,6 @@ FORMAT_VERSION = 1
 PROVENANCE_KEYS = ("checkpoint_sha256", "network", "split", "split_ids_sha256")
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (a checkpoint's identity, whatever its name or folder)."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                digest.update(block)
-    except OSError as exc:
-        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
-    return digest.hexdigest()
-
-
 def ids_sha256(ids: list[str]) -> str:
     """Digest of a split's id list (order included): the same name may list other images elsewhere."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
