@@ -81,6 +81,7 @@ class RunData:
     val_set: MultiLabelImages
     val_targets: np.ndarray  # (N, C) 0/1
     val_ignore: np.ndarray  # (N, C) True where an image holds only difficult objects of a class
+    val_boxes: list[np.ndarray] | None  # VOC: per image (M, 5) rows (class, xmin, ymin, xmax, ymax), 1-based inclusive
     sampler: EpochBatchSampler
     loader: DataLoader
     class_names: tuple[str, ...] = VOC_CLASSES
@@ -113,5 +114,5 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     workers = args.num_workers
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0)
-    return RunData(root, train_set, val_set, val_split.labels, val_split.ignore, sampler, loader,
+    return RunData(root, train_set, val_set, val_split.labels, val_split.ignore, val_split.boxes, sampler, loader,
                    train_split.class_names, train_split.notes + val_split.notes)

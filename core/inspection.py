@@ -22,7 +22,7 @@ from core.recipe import RUN_DEFINING_FLAGS
 from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_size
 from tools.checkpoint import load_checkpoint_and_hash
 from tools.datasets import SplitData, dataset_family, default_splits, detect_dataset, open_dataset, resolve_dataset
-from tools.demo_formats import default_demo_root, generate_demo
+from tools.demo_formats import default_demo_root, generate_demo, is_outdated_demo
 from tools.errors import UserError
 from tools.images import BadImageError, load_rgb_image
 from tools.run_files import RunFiles
@@ -48,6 +48,11 @@ def safe_name(text: str) -> str:
     if text.endswith(".txt") or "/" in text or "\\" in text:
         text = Path(text).stem
     return re.sub(r"[^A-Za-z0-9._@-]+", "_", text).strip("_") or "split"
+
+
+def cam_folder(output_dir: str | Path, tag: str, split: str, teacher: bool = False) -> Path:
+    """Where make_cams.py writes (and evaluate_cams.py reads) a run's CAMs of a split by default."""
+    return Path(output_dir) / "cams" / f"{tag}_{safe_name(split)}{'_teacher' if teacher else ''}"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -178,10 +183,13 @@ def run_dataset(config: dict, data_dir: str | None) -> tuple[str, Path]:
     if config.get("demo"):
         demo = "voc" if config["demo"] is True else config["demo"]  # runs from before --demo took a format
         root = Path(config["data_dir"]) if config.get("data_dir") else default_demo_root(demo)
-        try:
-            return resolve_dataset(root, kind)
-        except UserError:
-            return resolve_dataset(generate_demo(demo, root), kind)  # the trainer's call: rebuilds a deleted cache
+        if not is_outdated_demo(root, demo):
+            try:
+                return resolve_dataset(root, kind)
+            except UserError:
+                pass
+        # the same call the trainer makes: rebuilds a deleted cache, or one from an older generator
+        return resolve_dataset(generate_demo(demo, root), kind)
     if not config.get("data_dir"):
         raise UserError("the run's config names no data_dir; pass --data_dir DIR")
     try:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from core.config import parse_args
 from core.data import RunData, build_data
 from core.evaluation import THRESHOLD_KEYS, evaluate, log_val_cams
+from core.localisation import format_summary
 from core.recipe import check_resume, check_stop, current_script
 from core.runtime import Runtime, broadcast_buffers, rng_states, seed_everything, set_rng_states, setup_runtime
 from core.step import LOSS_TERMS, StepContext, alpha_re_at, build_step, train_step
@@ -189,10 +190,13 @@ class Run:
         for network in (ctx.bare_student, ctx.bare_teacher):
             if network is not None:
                 broadcast_buffers(network, runtime)
-        result = evaluate(model, data.val_set, data.val_targets, data.val_ignore, args, runtime, ctx.autocast, "val")
+        result = evaluate(model, data.val_set, data.val_targets, data.val_ignore, args, runtime, ctx.autocast, "val",
+                          boxes=data.val_boxes)
+        localisation = result.get("localisation", {})  # needs boxes: VOC only
         record = {"epoch": round(self.iteration / self.iters_per_epoch, 3), "iteration": self.iteration,
                   "mAP": result["mAP"], "mAP_voc": result["mAP_voc"], "eval_class_loss": result["eval_class_loss"],
-                  "num_images": result["num_images"], **{key: result[key] for key in THRESHOLD_KEYS}}
+                  "num_images": result["num_images"], **{key: result[key] for key in THRESHOLD_KEYS},
+                  **localisation}  # is the CAM on the object: pointing game, keypoint hit rates (VOC boxes)
         teacher = ctx.bare_teacher
         if teacher is not None:
             record["mAP_teacher"] = evaluate(teacher, data.val_set, data.val_targets, data.val_ignore, args, runtime,
@@ -207,8 +211,10 @@ class Run:
                  f"mAP_voc {record['mAP_voc']:.2f} CF1 {record['CF1']:.2f} OF1 {record['OF1']:.2f} "
                  f"top-3 CF1 {record['CF1_top3']:.2f} OF1 {record['OF1_top3']:.2f}{teacher_part} "
                  f"best {self.best_map:.2f} eval_class_loss {record['eval_class_loss']:.4f} "
-                 f"(chance {chance:.2f}, {result['num_images']} images)")
-        scalars = {f"val/{k}": v for k, v in record.items() if k.startswith(("mAP", "eval_")) or k in THRESHOLD_KEYS}
+                 f"(chance {chance:.2f}, {result['num_images']} images)"
+                 f"{'; ' + format_summary(localisation) if localisation else ''}")
+        scalars = {f"val/{k}": v for k, v in record.items()
+                   if k.startswith(("mAP", "eval_")) or k in THRESHOLD_KEYS or k in localisation}
         log_scalars(self.writer, self.iteration, scalars)
         if self.writer is not None:
             log_val_cams(self.writer, self.iteration, ctx.bare_student, data.val_set, runtime.device)

@@ -302,3 +302,16 @@ def test_check_dataset_on_voc_and_coco(tiny_voc, tiny_coco, tmp_path, capsys):
     assert any("val2014/" in line and "missing" in line for line in out)
     code, out, errors = run_check(["--data_dir", root, "--split", "nosuch"], capsys)
     assert code == 2 and "nosuch" in out[0] and "train2014" in out[0]  # lists the available splits
+
+
+def test_outdated_demo_sets_are_recognised(tiny_coco, tiny_voc, tmp_path):
+    """A COCO or list demo set follows the VOC generator's version too: new masks or drawings rebuild it."""
+    from tools.demo_formats import is_outdated_demo
+
+    assert not is_outdated_demo(tiny_coco, "coco") and not is_outdated_demo(tiny_voc, "voc")
+    root = copy(tiny_coco, tmp_path)
+    marker = json.loads((root / ".oass_demo.json").read_text())
+    (root / ".oass_demo.json").write_text(json.dumps({**marker, "voc_format_version": 0}))
+    assert is_outdated_demo(root, "coco")
+    (root / ".oass_demo.json").unlink()
+    assert not is_outdated_demo(root, "coco")  # not a generated set: used as it is

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tools import coco, label_list, voc
+from tools.cam_metrics import box_array
 from tools.errors import UserError
 from tools.images import MultiLabelImages, Transform
 
@@ -46,7 +47,7 @@ class SplitData:
     image_paths: list[Path]
     labels: np.ndarray  # (n, C) float32, 1 where the image holds the class
     ignore: np.ndarray  # (n, C) bool, pairs left out of mAP_voc and the thresholded metrics (VOC difficult)
-    boxes: list[np.ndarray] | None = None  # VOC: per image (k, 5) float32: class, x0, y0, x1, y1 (0-based)
+    boxes: list[np.ndarray] | None = None  # VOC: per image (M, 5) int64 class, xmin, ymin, xmax, ymax (XML: 1-based)
     notes: list[str] = field(default_factory=list)  # facts worth a log line (e.g. images left out)
 
     @property
@@ -161,12 +162,6 @@ def open_dataset(kind: str, root: str | Path, split: str, require_annotations: b
     return data
 
 
-def _voc_boxes(annotation: voc.Annotation) -> np.ndarray:
-    """(k, 5) class, x0, y0, x1, y1 with 0-based exclusive corners, from the XML's 1-based inclusive ones."""
-    rows = [(voc.CLASS_INDEX[o.name], o.box[0] - 1, o.box[1] - 1, o.box[2], o.box[3]) for o in annotation.objects]
-    return np.asarray(rows, np.float32).reshape(-1, 5)
-
-
 def _checked_voc_annotations(root: Path, split: str, repo_lists: bool,
                              problems: list[str]) -> tuple[list[str], list[voc.Annotation], Path]:
     """Check mode: every missing image or XML and every broken XML becomes one problem line."""
@@ -200,7 +195,7 @@ def _open_voc(kind: str, root: Path, split: str, require_annotations: bool,
     count = voc.NUM_CLASSES
     labels = np.stack([a.labels for a in annotations]) if annotations else np.zeros((len(ids), count), np.float32)
     ignore = np.stack([a.difficult_only for a in annotations]) if annotations else np.zeros((len(ids), count), bool)
-    boxes = [_voc_boxes(a) for a in annotations] if annotations else None
+    boxes = [box_array(a.objects) for a in annotations] if annotations else None
     return SplitData(kind, root, split, source, voc.VOC_CLASSES, list(ids),
                      [root / "JPEGImages" / f"{i}.jpg" for i in ids], labels, ignore, boxes)
 

@@ -45,13 +45,27 @@ def default_demo_root(kind: str = "voc") -> Path:
     return demo_data.default_demo_root().with_name(f"demo_{kind}")
 
 
+def is_outdated_demo(root: Path, kind: str = "voc") -> bool:
+    """A demo set written by an older version of its generator (its marker says so); False without a marker."""
+    try:
+        marker = json.loads((Path(root) / demo_data.MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False  # no marker: not a generated set, use it as it is
+    if not isinstance(marker, dict):
+        return False
+    if kind == "voc":
+        return marker.get("format_version") != demo_data.FORMAT_VERSION
+    return (marker.get("format_version"), marker.get("voc_format_version")) != (FORMAT_VERSION,
+                                                                                demo_data.FORMAT_VERSION)
+
+
 def _samples(params: dict, start: int, count: int) -> Iterator[tuple[int, np.ndarray, list[DemoObject]]]:
     """Images start .. start+count-1 exactly as tools/demo_data.py draws them for its VOC splits."""
     schedule = np.random.default_rng([params["seed"], 1_000_003, start]).permutation(NUM_CLASSES)
     for k in range(start, start + count):
         rng = np.random.default_rng([params["seed"], k])
         first = int(schedule[(k - start) % NUM_CLASSES])
-        pixels, objects = render_image(rng, first, params["min_side"], params["max_side"])
+        pixels, objects = render_image(rng, first, params["min_side"], params["max_side"])[:2]  # not the mask
         yield k, pixels, objects
 
 
