@@ -59,6 +59,19 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def patch_chunk_value(value: str) -> str | int:
+    """--patch_chunk: "auto" or a non-negative number of tiles."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of tiles, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {number}")
+    return number
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints its usage on error; we keep the one-line error and exit code 2."""
 
@@ -138,7 +151,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--alpha_ema", type=float, default=0.99, help="EMA teacher momentum (upper bound of the warm-up)")
     a("--patch_network", default=None, choices=["teacher", "student"],
       help="network the tiles go through (default: the strategy's)")
-    a("--patch_chunk", type=int, default=0, help="tiles per forward of the patch network (0 = all at once)")
+    a("--patch_chunk", type=patch_chunk_value, default="auto",
+      help="tiles per forward of the patch network: auto (by device and tile size, core/step.py), 0 = all at "
+      "once, N = N tiles (rounded down to whole tasks of 4)")
     # scale and speed
     a("--amp", default="off", choices=["off", "bf16", "fp16"])
     a("--accum_steps", type=int, default=1, help="micro-batches per optimizer step (batch_size is the total)")
@@ -208,7 +223,6 @@ def validate_args(args: argparse.Namespace) -> None:
         (args.num_workers < 0, "--num_workers must not be negative"),
         (not 0 < args.print_ratio <= 1, f"--print_ratio must be in (0, 1], got {args.print_ratio}"),
         (args.save_every < 0, "--save_every must not be negative"),
-        (args.patch_chunk < 0, "--patch_chunk must not be negative"),
         (args.eval_batch_size < 1, "--eval_batch_size must be at least 1"),
         (args.resume and args.overwrite, "--resume and --overwrite exclude each other; pick one"),
         (any(c in args.tag for c in "/\\") or not args.tag.strip(), f"--tag {args.tag!r} must be a plain file name"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,18 @@ from core.runtime import Runtime, unwrap, wrap_for_devices
 from core.strategies import STRATEGIES, Strategy, build_tasks
 
 LOSS_TERMS = ("loss", "class_loss", "p_class_loss", "re_loss")
+
+# --patch_chunk auto. A tile's largest activation in the patch network: the stem's 64 channels at half
+# the tile's side (a Bottleneck layer1's 256 channels at a quarter of it hold as many values).
+STEM_CHANNELS = 64
+# CPU: that activation of one forward stays within 8 MiB. Measured on a 2-core Xeon VM with
+# benchmarks/patch_chunk.py (benchmarks/README.md): above it glibc's malloc serves such tensors from
+# fresh pages, and their page faults (250k per forward of 32 resnet50 tiles of 128 px) cost more than
+# running more, smaller forwards; well below it the per-forward overhead of small batches shows.
+CPU_ACTIVATION_BUDGET = 8 * 2**20
+# CUDA: one forward, unless about this many of the largest activations (alive at once in a forward
+# without gradient) for all tiles would take more than half of the memory still free.
+CUDA_LIVE_ACTIVATIONS = 4
 
 
 @dataclass
@@ -89,6 +102,19 @@ def tile_plan(strategy: Strategy, args: argparse.Namespace, num_tiles: int) -> B
     return BNPlan.for_calls(call, args.reference_gpus)
 
 
+def auto_patch_chunk(device: torch.device, num_tiles: int, tile_h: int, tile_w: int, itemsize: int = 4) -> int:
+    """Tiles per forward for --patch_chunk auto (0 = one forward), whole tasks of 4 tiles, at least one task."""
+    per_tile = STEM_CHANNELS * math.ceil(tile_h / 2) * math.ceil(tile_w / 2) * itemsize
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget, per_tile = (free + cached) // 2, per_tile * CUDA_LIVE_ACTIVATIONS
+    else:
+        budget = CPU_ACTIVATION_BUDGET
+    chunk = budget // per_tile // 4 * 4
+    return 0 if chunk >= num_tiles else max(chunk, 4)
+
+
 def patch_features(network: nn.Module, tiles: torch.Tensor, plan: BNPlan, chunk: int, no_grad: bool) -> torch.Tensor:
     """Class maps of all tiles, in chunks of `chunk` tiles (whole calls) when memory or speed needs it."""
     with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad), bn_plan(unwrap(network), plan):
@@ -110,6 +136,9 @@ def tile_maps_of_tasks(ctx: StepContext, images: torch.Tensor, image_index: torc
     use_teacher = args.patch_network == "teacher"
     network = ctx.teacher if use_teacher else ctx.student
     chunk = 0 if strategy.one_tile_call else args.patch_chunk
+    if chunk == "auto":  # autocast runs the convolutions in 2-byte floats
+        chunk = auto_patch_chunk(tiles.device, tiles.shape[0], *tiles.shape[-2:],
+                                 2 if ctx.autocast["enabled"] else tiles.element_size())
     with torch.autocast(**ctx.autocast):
         maps = patch_features(network, tiles, tile_plan(strategy, args, tiles.shape[0]), chunk, use_teacher)
     if strategy.one_tile_call:

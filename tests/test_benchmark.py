@@ -1,5 +1,6 @@
 """The training-speed benchmark runs end to end and prints a well-formed table (no timing assertions)."""
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_benchmark_prints_both_strategies_with_ratios(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch:" in out.stdout and "machine:" in out.stdout
     header, rows = table_rows(out.stdout)
-    assert set(rows) == {"none", "ctopk_w"}
+    assert set(rows) == {"none", "ctopk_w", "per-task"}
     column = {name: i for i, name in enumerate(header)}
     assert {"ms/it", "it/s", "img/s", "T", "peak MiB", "t/none", "ideal/none", "dev/none"} <= set(column)
     for name, row in rows.items():
@@ -39,3 +40,10 @@ def test_benchmark_prints_both_strategies_with_ratios(tmp_path):
     tasks = number(rows["ctopk_w"][column["T"]])
     assert 1.0 <= tasks <= 4.0  # 1-4 labels per image, one task each
     assert abs(number(rows["ctopk_w"][column["ideal/none"]]) - round((3 + tasks) / 3, 2)) <= 0.011
+    assert number(rows["per-task"][column["T"]]) == tasks  # the same batches, the same tasks
+    # the report ends with the issue's one-line comparison per configuration
+    last = out.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"ctopk_w vs per-task loop: (\d+\.\d\d)x \(ours (\d+\.\d\d) s/it, per-task (\d+\.\d\d) s/it\)",
+                         last)
+    assert match, last
+    assert float(match[2]) > 0 and float(match[3]) > 0
