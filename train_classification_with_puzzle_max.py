@@ -6,7 +6,11 @@ Losses: core/losses.py classification_loss and puzzle_losses, weighted in core/s
 from core.trainer import main
 
 DEFAULTS = {"description": __doc__, "strategy": "max", "head": "csi", "alpha_re": 3.0, "alpha_schedule_re": 0.05,
-            "alpha_p": 0.5}
+            "alpha_p": 0.5,
+            # --demo only: the reference lets the 16 per-image tile calls of every iteration overwrite the
+            # running statistics (method.md section 6); with 64-px tiles of a random-init network those
+            # statistics no longer fit whole images and the demo model cannot be evaluated
+            "demo_recipe": {"patch_bn_update": "off"}}
 
 if __name__ == "__main__":
     main(DEFAULTS)

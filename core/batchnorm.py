@@ -26,11 +26,12 @@ class BNPlan:
 
     group_size: int
     call_size: int
+    update_stats: bool = True  # False: normalise as planned, leave the running statistics alone
 
     @classmethod
-    def for_calls(cls, call_size: int, gpus: int) -> BNPlan:
+    def for_calls(cls, call_size: int, gpus: int, update_stats: bool = True) -> BNPlan:
         """Chunks of one `call_size` call over `gpus` devices: torch.chunk makes them ceil(n / gpus) long."""
-        return cls(math.ceil(call_size / gpus), call_size)
+        return cls(math.ceil(call_size / gpus), call_size, update_stats)
 
     def check(self, batch: int) -> None:
         if batch % self.call_size or self.call_size % self.group_size:
@@ -66,7 +67,7 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.bn_plan
         n = x.shape[0]
-        if not self.training or plan is None or (plan.group_size >= n and plan.call_size >= n):
+        if not self.training or plan is None or (plan.update_stats and plan.group_size >= n and plan.call_size >= n):
             return super().forward(x)
         plan.check(n)
         groups, size = n // plan.group_size, plan.group_size
@@ -81,7 +82,7 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         # native_batch_norm also returns each (group, channel)'s mean and 1/std: the running statistics
         # need them for the first group of every call, at no extra pass over the data
         out, mean, inv_std = torch.native_batch_norm(stacked, weight, bias, None, None, True, 0.0, self.eps)
-        if self.track_running_stats:
+        if self.track_running_stats and plan.update_stats:
             self._update_running_stats(mean.detach(), inv_std.detach(), plan, groups, size * height * width)
         if size == 1:
             return out.view(n, channels, height, width)

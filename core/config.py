@@ -146,6 +146,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--num_pieces", type=int, default=4, choices=[4], help="Puzzle-CAM flag; OASS always cuts into 4")
     a("--k", type=int, default=5, help="peaks per class for the top-k strategies")
     a("--min_distance", type=int, default=20, help="peak suppression radius in input pixels")
+    a("--patch_bn_update", default="reference", choices=["reference", "off"],
+      help="reference: tile calls through the student update its BatchNorm running statistics (Max, Puzzle-CAM); "
+      "off: only its batch calls do")
     a("--keypoint_rule", default="reference", choices=["reference", "clean"],
       help="reference: the official scripts' rules, quirks included; clean: float means, no 128-px filter")
     a("--alpha_ema", type=float, default=0.99, help="EMA teacher momentum (upper bound of the warm-up)")
@@ -164,7 +167,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--save_every", type=int, default=0, help="also save the last checkpoint every N iterations (0: per epoch)")
     a("--resume", action="store_true", help="continue the run of --tag from <tag>_last.pth")
     a("--overwrite", action="store_true", help="start --tag over, replacing its outputs")
-    p.set_defaults(**{k: v for k, v in defaults.items() if k not in ("description", "strategy")})
+    p.set_defaults(**{k: v for k, v in defaults.items() if k not in ("description", "strategy", "demo_recipe")})
     return p
 
 
@@ -173,7 +176,7 @@ def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namesp
     parser = build_parser(defaults)
     args = parser.parse_args(argv)
     if args.demo:  # the demo recipe replaces the defaults; explicit flags still win
-        parser.set_defaults(**DEMO_DEFAULTS)
+        parser.set_defaults(**{**DEMO_DEFAULTS, **defaults.get("demo_recipe", {})})
         if args.demo != "voc":  # the COCO and list demos use their dataset's own split names
             parser.set_defaults(train_split=None, val_split=None)
         args = parser.parse_args(argv)
