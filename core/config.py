@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -80,10 +81,8 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    p = OneLineParser(description=defaults.get("description"), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    # data
+def _data_flags(a: Callable) -> None:
+    """--data_dir, --demo, splits, workers."""
     a("--data_dir", default=None, help="the dataset folder: VOC (holding JPEGImages/, Annotations/, or "
       "VOCdevkit/VOCyyyy under it), COCO (annotations/, train2014/, val2014/) or a list folder (classes.txt)")
     a("--dataset", default=None, choices=DATASET_KINDS, help="the dataset's format and protocol (default: "
@@ -103,7 +102,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
       "protocol leaves them out)")
     a("--skip_bad_images", action="store_true", help="skip unreadable images with a warning instead of stopping")
     a("--num_workers", type=int, default=4)
-    # network
+
+
+def _network_flags(a: Callable) -> None:
+    """Backbone, BatchNorm, head, initial weights."""
     a("--architecture", default="resnet50", choices=sorted(ARCHITECTURES))
     a("--mode", default="normal", choices=BN_MODES,
       help="BatchNorm: normal (the reference), fix = frozen statistics with trainable affine (ablation)")
@@ -113,7 +115,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
       help="BatchNorm statistics grouped as the reference's calls over N DataParallel GPUs (4: the published "
       "run; 1: one GPU)")
     a("--pretrained", default="imagenet", help="imagenet | none | PATH to a torchvision ResNet state dict")
-    # recipe
+
+
+def _recipe_flags(a: Callable) -> None:
+    """Optimiser, schedule, sizes, augmentation, logging, seed, device."""
     a("--batch_size", type=int, default=32, help="images per optimizer step, over all GPUs/processes together")
     a("--max_epoch", type=int, default=15)
     a("--max_iterations", type=int, default=None, help="stop after N iterations, then evaluate and save")
@@ -132,7 +137,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--print_ratio", type=float, default=0.1, help="log every print_ratio of an epoch")
     a("--seed", type=int, default=0)
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    # OASS
+
+
+def _oass_flags(a: Callable, defaults: dict) -> None:
+    """Strategy, loss weights, keypoints, teacher, tiles."""
     a("--strategy", default=defaults.get("strategy", "none"), choices=sorted(STRATEGIES))
     a("--alpha_re", type=float, default=0.0, help="weight of the re-construction loss (after warm-up)")
     a("--alpha_schedule_re", type=float, default=0.5,
@@ -157,7 +165,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--patch_chunk", type=patch_chunk_value, default="auto",
       help="tiles per forward of the patch network: auto (by device and tile size, core/step.py), 0 = all at "
       "once, N = N tiles (rounded down to whole tasks of 4)")
-    # scale and speed
+
+
+def _run_flags(a: Callable) -> None:
+    """Speed, evaluation and outputs."""
     a("--amp", default="off", choices=["off", "bf16", "fp16"])
     a("--accum_steps", type=int, default=1, help="micro-batches per optimizer step (batch_size is the total)")
     # evaluation and outputs
@@ -167,6 +178,14 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--save_every", type=int, default=0, help="also save the last checkpoint every N iterations (0: per epoch)")
     a("--resume", action="store_true", help="continue the run of --tag from <tag>_last.pth")
     a("--overwrite", action="store_true", help="start --tag over, replacing its outputs")
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    p = OneLineParser(description=defaults.get("description"), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add in (_data_flags, _network_flags, _recipe_flags):
+        add(p.add_argument)
+    _oass_flags(p.add_argument, defaults)
+    _run_flags(p.add_argument)
     p.set_defaults(**{k: v for k, v in defaults.items() if k not in ("description", "strategy", "demo_recipe")})
     return p
 
