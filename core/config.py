@@ -186,7 +186,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
         add(p.add_argument)
     _oass_flags(p.add_argument, defaults)
     _run_flags(p.add_argument)
-    p.set_defaults(**{k: v for k, v in defaults.items() if k not in ("description", "strategy", "demo_recipe")})
+    p.set_defaults(**{k: v for k, v in defaults.items() if k not in ("description", "strategy")})
     return p
 
 
@@ -195,7 +195,7 @@ def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namesp
     parser = build_parser(defaults)
     args = parser.parse_args(argv)
     if args.demo:  # the demo recipe replaces the defaults; explicit flags still win
-        parser.set_defaults(**{**DEMO_DEFAULTS, **defaults.get("demo_recipe", {})})
+        parser.set_defaults(**DEMO_DEFAULTS)
         if args.demo != "voc":  # the COCO and list demos use their dataset's own split names
             parser.set_defaults(train_split=None, val_split=None)
         args = parser.parse_args(argv)
