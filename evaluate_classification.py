@@ -1,4 +1,5 @@
-"""Evaluate a trained run on a labelled split: per-class AP of both kinds and the mAPs, optionally multi-scale.
+"""Evaluate a trained run on a labelled split: per-class AP of both kinds, the mAPs and CP/CR/CF1/OP/OR/OF1
+(all labels and top 3, at sigmoid >= 0.5), optionally multi-scale.
 
 The images follow the training loop's evaluation protocol (normalise, keep the top-left
 image_size x image_size window, zero-padded): scale 1.0 without --flip gives exactly the mAP the
@@ -30,24 +31,25 @@ from core.config import autocast_settings as core_autocast_settings
 from core.inspection import (
     LoadedRun,
     add_run_args,
-    data_root,
-    default_split,
     describe_provenance,
     load_run,
     make_folder,
+    open_run_split,
     safe_name,
 )
 from tools.augment import EvalTransform
+from tools.datasets import dataset_images
 from tools.errors import UserError, run_cli
-from tools.metrics import mean_average_precision
-from tools.voc import VOC_CLASSES, VOCClassification, difficult_matrix, labels_matrix, load_split
+from tools.images import MultiLabelImages
+from tools.metrics import THRESHOLD_METRICS, mean_average_precision, multilabel_metrics
+from tools.voc import VOC_CLASSES
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_args(p)
     p.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher instead of the student")
-    p.add_argument("--data_dir", default=None, help="VOC folder (default: the run's own; the demo set for --demo)")
+    p.add_argument("--data_dir", default=None, help="dataset folder (default: the run's own; the demo set for --demo)")
     p.add_argument("--split", default=None, help="a labelled split (default: the run's --val_split)")
     p.add_argument("--scales", default="1.0", help="comma-separated input scales, e.g. 1.0,0.5,1.5")
     p.add_argument("--flip", action="store_true", help="also average the logits of the flipped images")
@@ -102,9 +104,9 @@ def multiscale_logits(model: torch.nn.Module, images: torch.Tensor, scales: tupl
     return total / count  # x / 1 is exact: one view gives the training loop's numbers bit for bit
 
 
-def predict_split(run: LoadedRun, dataset: VOCClassification, args: argparse.Namespace, device: torch.device,
+def predict_split(run: LoadedRun, dataset: MultiLabelImages, args: argparse.Namespace, device: torch.device,
                   autocast: dict) -> np.ndarray:
-    """(n, 20) averaged logits in the split's order."""
+    """(n, C) averaged logits in the split's order."""
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     model = run.model
@@ -123,26 +125,35 @@ def _percent(value: float) -> float | None:
     return None if math.isnan(value) else 100.0 * float(value)
 
 
-def ap_results(scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray) -> dict:
-    """Both mAPs (percent) and a per-class table; AP values in percent, None for a class without positives."""
+def ap_results(scores: np.ndarray, targets: np.ndarray, ignore: np.ndarray,
+               class_names: tuple[str, ...] = VOC_CLASSES) -> dict:
+    """Both mAPs, CP ... OF1_top3 (percent) and a per-class table; AP values in percent, None for a class
+    without positives."""
     m_ref, ap_ref = mean_average_precision(scores, targets, kind="reference")
     m_voc, ap_voc = mean_average_precision(scores, targets, ignore=ignore, kind="voc")
+    probabilities = torch.sigmoid(torch.from_numpy(scores).double()).numpy()  # as the training loop does
     classes = [{"class": name, "AP": _percent(ap_ref[c]), "AP_voc": _percent(ap_voc[c]),
                 "positives": int(targets[:, c].sum()), "difficult_only": int(ignore[:, c].sum())}
-               for c, name in enumerate(VOC_CLASSES)]
-    return {"mAP": m_ref, "mAP_voc": m_voc, "classes": classes}
+               for c, name in enumerate(class_names)]
+    return {"mAP": m_ref, "mAP_voc": m_voc, **multilabel_metrics(probabilities, targets, ignore), "classes": classes}
 
 
 def format_table(result: dict) -> str:
     def cell(value: float | None) -> str:
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
-    lines = [f"{'class':<12} {'AP':>7} {'AP_voc':>7} {'positives':>9}"]
-    lines += [f"{row['class']:<12} {cell(row['AP']):>7} {cell(row['AP_voc']):>7} {row['positives']:>9}"
+    width = max(12, *(len(row["class"]) for row in result["classes"]))
+    lines = [f"{'class':<{width}} {'AP':>7} {'AP_voc':>7} {'positives':>9}"]
+    lines += [f"{row['class']:<{width}} {cell(row['AP']):>7} {cell(row['AP_voc']):>7} {row['positives']:>9}"
               for row in result["classes"]]
-    lines.append(f"{'mAP':<12} {cell(result['mAP']):>7} {cell(result['mAP_voc']):>7}")
+    lines.append(f"{'mAP':<{width}} {cell(result['mAP']):>7} {cell(result['mAP_voc']):>7}")
     lines.append("AP: reference kind (mean precision at each positive's rank); AP_voc: VOC2012 devkit kind "
                  "(area under the precision envelope, images whose objects of the class are all difficult ignored)")
+    lines.append(f"{'':<8}" + "".join(f"{name:>7}" for name in THRESHOLD_METRICS))
+    for label, suffix in (("all", ""), ("top-3", "_top3")):
+        lines.append(f"{label:<8}" + "".join(f"{cell(result[name + suffix]):>7}" for name in THRESHOLD_METRICS))
+    lines.append("CP/CR: per-class precision/recall averaged over the classes; OP/OR: over all labels; CF1/OF1 "
+                 "from them; a label is predicted at sigmoid >= 0.5 (top-3: and among the image's 3 highest)")
     return "\n".join(lines)
 
 
@@ -180,21 +191,21 @@ def evaluate(args: argparse.Namespace) -> dict:
     args.num_workers = config.get("num_workers", 0) if args.num_workers is None else args.num_workers
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch_size must be at least 1 and --num_workers not negative")
-    split_name = args.split or default_split(config)
-    root = data_root(config, args.data_dir)
-    split = load_split(root, split_name)  # refuses a split without annotations (VOC2012 test)
-    dataset = VOCClassification(root, split, EvalTransform(config["image_size"]))
+    split = open_run_split(config, args.data_dir, args.split)  # refuses a split without annotations (VOC2012 test)
+    split_name, root = split.split, split.root
+    dataset = dataset_images(split, EvalTransform(config["image_size"], config.get("eval_resize") == "fit"))
     autocast = autocast_settings(args.amp, config, device)
     scores = predict_split(run, dataset, args, device, autocast)
-    result = ap_results(scores, labels_matrix(split), difficult_matrix(split))
+    result = ap_results(scores, split.labels, split.ignore, split.class_names)
     result |= {"tag": run.tag, "checkpoint": str(run.path), "network": run.network, "epoch": run.epoch,
-               "iteration": run.iteration, "data_root": str(root), "split": split_name, "num_images": len(split.ids),
+               "iteration": run.iteration, "dataset": split.kind, "data_root": str(root), "split": split_name,
+               "num_images": len(split.names),
                "image_size": config["image_size"], "scales": list(args.scales), "flip": args.flip,
                "amp": str(autocast["dtype"]).removeprefix("torch.") if autocast["enabled"] else "off",
                **run.provenance()}
     csv_path, json_path = output_paths(args.output_dir, run.tag, split_name, args.teacher)
     write_results(result, csv_path, json_path)
-    print(f"{run.tag} ({run.network}, {run.path}, iteration {run.iteration}) on {split_name}: {len(split.ids)} "
+    print(f"{run.tag} ({run.network}, {run.path}, iteration {run.iteration}) on {split_name}: {len(split.names)} "
           f"images, scales {','.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
     print(format_table(result))
     print(f"wrote {csv_path} and {json_path}")

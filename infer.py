@@ -1,4 +1,4 @@
-"""Predict the VOC labels of image files with a trained run.
+"""Predict the labels of image files with a trained run (the classes of the run's dataset).
 
     python infer.py IMAGE [IMAGE ...] (--tag T [--checkpoint best|last] | --checkpoint PATH)
         [--threshold 0.5] [--save_cam DIR] [--device auto]
@@ -27,6 +27,7 @@ from core.inspection import (
     open_image,
     predict_with_cams,
     resize_long_side,
+    run_class_names,
     safe_name,
     save_png,
 )
@@ -47,27 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def predicted_labels(probs: torch.Tensor, threshold: float) -> list[tuple[str, float]]:
+def predicted_labels(probs: torch.Tensor, threshold: float,
+                     class_names: tuple[str, ...] = VOC_CLASSES) -> list[tuple[str, float]]:
     """(class, score) above the threshold, highest score first."""
-    picked = [(VOC_CLASSES[c], float(probs[c])) for c in range(len(VOC_CLASSES)) if probs[c] > threshold]
+    picked = [(class_names[c], float(probs[c])) for c in range(len(class_names)) if probs[c] > threshold]
     return sorted(picked, key=lambda pair: -pair[1])
 
 
-def format_prediction(path: str, labels: list[tuple[str, float]], probs: torch.Tensor, threshold: float) -> str:
+def format_prediction(path: str, labels: list[tuple[str, float]], probs: torch.Tensor, threshold: float,
+                      class_names: tuple[str, ...] = VOC_CLASSES) -> str:
     if labels:
         return f"{path}: " + ", ".join(f"{name} {score:.4f}" for name, score in labels)
     best = int(probs.argmax())
-    return f"{path}: (no label above {threshold:g}; best {VOC_CLASSES[best]} {float(probs[best]):.4f})"
+    return f"{path}: (no label above {threshold:g}; best {class_names[best]} {float(probs[best]):.4f})"
 
 
 def save_cams(folder: Path, stem: str, rgb: np.ndarray, cams: torch.Tensor, labels: list[tuple[str, float]],
-              visible: tuple[int, int]) -> list[Path]:
+              visible: tuple[int, int], class_names: tuple[str, ...] = VOC_CLASSES) -> list[Path]:
     """One overlay PNG per predicted class, cropped to the image (without the padding)."""
     height, width = visible
     paths = []
     for name, _ in labels:
-        overlay = cam_overlay(rgb, cams[VOC_CLASSES.index(name)])[:height, :width]
-        paths.append(save_png(folder / f"{stem}_{name}.png", overlay))
+        overlay = cam_overlay(rgb, cams[class_names.index(name)])[:height, :width]
+        paths.append(save_png(folder / f"{stem}_{safe_name(name)}.png", overlay))
     return paths
 
 
@@ -88,20 +91,20 @@ def infer(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]
     device = choose_device(args.device)
     run = load_run(args.tag, args.checkpoint, args.output_dir, device)
     print("\n".join(describe_provenance(run)), flush=True)
-    size = run.config["image_size"]
+    size, class_names = run.config["image_size"], run_class_names(run.config)
     folder = make_folder(args.save_cam) if args.save_cam else None
     results, saved = [], 0
     for path, image in zip(args.images, images):
         tensor = eval_input(image, size, fit=True)
         logits, _, cams = predict_with_cams(run.model, tensor, device)
         probs = torch.sigmoid(logits)
-        labels = predicted_labels(probs, args.threshold)
-        print(format_prediction(path, labels, probs, args.threshold))
+        labels = predicted_labels(probs, args.threshold, class_names)
+        print(format_prediction(path, labels, probs, args.threshold, class_names))
         results.append((path, labels))
         if folder is not None:
             fitted = resize_long_side(image, size)
             saved += len(save_cams(folder, f"{safe_name(Path(path).stem)}", denormalize(tensor), cams, labels,
-                                   (fitted.height, fitted.width)))
+                                   (fitted.height, fitted.width), class_names))
     if folder is not None:
         write_predictions(folder / "predictions.json", run.provenance(), results, args.threshold)
         print(f"wrote {saved} CAM overlay(s) and predictions.json to {folder}")

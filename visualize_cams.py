@@ -26,14 +26,14 @@ from core.config import OneLineParser, choose_device
 from core.inspection import (
     add_run_args,
     cam_overlay,
-    data_root,
-    default_split,
     denormalize,
     eval_input,
     load_run,
     make_folder,
     open_image,
+    open_run_split,
     predict_with_cams,
+    run_class_names,
     safe_name,
     save_png,
 )
@@ -41,7 +41,8 @@ from core.keypoints import top_k_peaks
 from core.puzzle import split_at_keypoints
 from core.strategies import STRATEGIES, build_tasks
 from tools.errors import UserError, run_cli
-from tools.voc import VOC_CLASSES, load_rgb_image, load_split
+from tools.images import load_rgb_image
+from tools.voc import VOC_CLASSES
 
 # strategy -> (legend label, cv2 marker, RGB colour); drawn in this order
 MARKERS = {
@@ -63,7 +64,7 @@ FONT_SCALE = 0.42
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_args(p)
-    p.add_argument("--data_dir", default=None, help="VOC folder (default: the run's own; the demo set for --demo)")
+    p.add_argument("--data_dir", default=None, help="dataset folder (default: the run's own; the demo set for --demo)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--split", default=None, help="split to draw from (default: the run's --val_split)")
     source.add_argument("--images", nargs="+", default=None, help="image files instead of a split (labels predicted)")
@@ -79,18 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
 class Sample:
     name: str  # file stem of the PNG
     image: torch.Tensor  # (3, S, S) network input
-    labels: np.ndarray | None  # (20,) ground truth, None when unknown
+    labels: np.ndarray | None  # (C,) ground truth, None when unknown
 
 
 def split_samples(config: dict, args: argparse.Namespace) -> list[Sample]:
     """The first --num images of the split, with their labels when the split has annotations."""
-    root = data_root(config, args.data_dir)
-    split = load_split(root, args.split or default_split(config), require_annotations=False)
+    split = open_run_split(config, args.data_dir, args.split, require_annotations=False)
+    labelled = split.labels.any()  # a VOC split without annotations (test) has all-zero labels
     samples = []
-    for index, image_id in enumerate(split.ids[: args.num]):
-        image = load_rgb_image(root / "JPEGImages" / f"{image_id}.jpg")
-        labels = split.annotations[index].labels if split.annotations is not None else None
-        samples.append(Sample(safe_name(image_id), eval_input(image, config["image_size"]), labels))
+    for index, (name, path) in enumerate(zip(split.names[: args.num], split.image_paths)):
+        image = load_rgb_image(path)
+        labels = split.labels[index] if labelled else None
+        fit = config.get("eval_resize") == "fit"  # as the run's validation saw it
+        samples.append(Sample(safe_name(Path(name).stem), eval_input(image, config["image_size"], fit), labels))
     return samples
 
 
@@ -244,7 +246,8 @@ def compose(fig: Figure) -> np.ndarray:
 
 
 def build_figure(sample: Sample, model: torch.nn.Module, device: torch.device, strategy: str, k: int,
-                 min_distance: int, keypoint_rule: str = "reference") -> Figure:
+                 min_distance: int, keypoint_rule: str = "reference",
+                 class_names: tuple[str, ...] = VOC_CLASSES) -> Figure:
     logits, cams, upsampled = predict_with_cams(model, sample.image, device)
     probs = torch.sigmoid(logits)
     classes, source = positive_classes(sample.labels, probs)
@@ -253,10 +256,10 @@ def build_figure(sample: Sample, model: torch.nn.Module, device: torch.device, s
     peak_coords, _, valid = top_k_peaks(upsampled[classes], k, min_distance)
     cut, tiles = first_class_tiles(sample.image, cams, classes, strategy, k, min_distance, keypoint_rule)
     label, _, _ = MARKERS[strategy]
-    target = VOC_CLASSES[classes[0]] if STRATEGIES[strategy].per_class else "the image (merged CAM)"
+    target = class_names[classes[0]] if STRATEGIES[strategy].per_class else "the image (merged CAM)"
     return Figure(
         rgb=denormalize(sample.image), cams=[upsampled[c] for c in classes],
-        class_names=[f"{VOC_CLASSES[c]} ({source}) p={float(probs[c]):.2f}" for c in classes],
+        class_names=[f"{class_names[c]} ({source}) p={float(probs[c]):.2f}" for c in classes],
         points=[{name: kp[i] for name, kp in points.items()} for i in range(len(classes))],
         peaks=[peak_coords[i][valid[i]] for i in range(len(classes))],
         cut=cut, tiles=denormalize(tiles), image_title=f"{sample.name} ({size}x{size} input)",
@@ -282,7 +285,7 @@ def visualize(args: argparse.Namespace) -> list[Path]:
         name = sample.name if sample.name not in used else f"{sample.name}_{len(written)}"
         used.add(name)
         figure = build_figure(sample, run.model, device, strategy, k, min_distance,
-                              config.get("keypoint_rule", "reference"))
+                              config.get("keypoint_rule", "reference"), run_class_names(config))
         written.append(save_png(out / f"{name}.png", compose(figure)))
     print(f"wrote {len(written)} figure(s) of {run.tag} ({run.path.name}) to {out}")
     return written

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.measure import cpu_model  # noqa: E402
 from core.csi import CSIHead  # noqa: E402
 
 MIB = 1024.0 * 1024.0
@@ -207,7 +208,7 @@ def report(results: dict[str, dict], shape: Shape, args: argparse.Namespace) -> 
     literal, fused = results["literal"], results["fused"]
     lines = [
         f"- command: python benchmarks/csi_head.py {' '.join(sys.argv[1:])}".rstrip(),
-        f"- machine: {_cpu_name()}, {os.cpu_count()} logical CPUs visible; "
+        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs visible; "
         f"{platform.platform()}",
         f"- device: {_device_name(args.device)}; torch {torch.__version__}, "
         f"intra-op threads {args.threads or torch.get_num_threads()}",
@@ -249,16 +250,6 @@ def _ratio(numerator: float | None, denominator: float | None, digits: int) -> s
     if numerator is None or not denominator or denominator <= 0:
         return "n/a"
     return f"{numerator / denominator:.{digits}f}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _device_name(device: str) -> str:

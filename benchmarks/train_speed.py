@@ -197,9 +197,10 @@ class Run:
         return statistics.median(self.cpu_seconds)
 
 
-def build_run(name: str, variant: Variant, args: argparse.Namespace, runtime: Runtime, total: int) -> Run:
+def build_run(name: str, variant: Variant, args: argparse.Namespace, runtime: Runtime, total: int,
+              num_classes: int) -> Run:
     torch.manual_seed(args.seed)  # every run starts from the same weights
-    ctx = build_step(args, runtime)
+    ctx = build_step(args, runtime, num_classes)
     if variant.channels_last != "auto":
         ctx.channels_last = variant.channels_last == "on"
         for network in (ctx.student, ctx.teacher):
@@ -316,13 +317,13 @@ def run_config(config: str, names: list[str], variants: list[Variant], opts: arg
         batches, source = random_batches(opts.iterations, first, opts.seed)
     batches = [(images.to(runtime.device), labels) for images, labels in batches]  # no copy is timed
     total = max(opts.warmup, 1) + opts.repeats * (opts.warmup + opts.iterations)
-    runs = []
+    runs, num_classes = [], batches[0][1].shape[1]  # the head's size from the data, as the trainer
     for variant in variants:
         for name in names:
-            runs.append(build_run(name, variant, trainer_args(name, flags, opts, variant, extra), runtime, total))
-            if name == "ctopk_w" and opts.per_task_loop == "on" and variant == variants[0]:
-                runs.append(build_run(PER_TASK, variant, trainer_args(name, flags, opts, variant, extra), runtime,
-                                      total))
+            kinds = [name] + ([PER_TASK] if name == "ctopk_w" and opts.per_task_loop == "on" and
+                              variant == variants[0] else [])
+            runs += [build_run(kind, variant, trainer_args(name, flags, opts, variant, extra), runtime, total,
+                               num_classes) for kind in kinds]
     probe = MemoryProbe(runtime.device)
     benchmark(runs, batches, opts, probe, runtime.device)
     report(config, runs, first, opts, probe, source)

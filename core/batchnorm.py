@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -27,11 +26,12 @@ class BNPlan:
 
     group_size: int
     call_size: int
+    update_stats: bool = True  # False: normalise as planned, leave the running statistics alone
 
     @classmethod
-    def for_calls(cls, call_size: int, gpus: int) -> BNPlan:
+    def for_calls(cls, call_size: int, gpus: int, update_stats: bool = True) -> BNPlan:
         """Chunks of one `call_size` call over `gpus` devices: torch.chunk makes them ceil(n / gpus) long."""
-        return cls(math.ceil(call_size / gpus), call_size)
+        return cls(math.ceil(call_size / gpus), call_size, update_stats)
 
     def check(self, batch: int) -> None:
         if batch % self.call_size or self.call_size % self.group_size:
@@ -67,33 +67,35 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.bn_plan
         n = x.shape[0]
-        if not self.training or plan is None or (plan.group_size >= n and plan.call_size >= n):
+        if not self.training or plan is None or (plan.update_stats and plan.group_size >= n and plan.call_size >= n):
             return super().forward(x)
         plan.check(n)
-        if self.track_running_stats:
-            self._update_running_stats(x.detach(), plan)
         groups, size = n // plan.group_size, plan.group_size
         _, channels, height, width = x.shape
         weight = self.weight.repeat(groups) if self.affine else None
         bias = self.bias.repeat(groups) if self.affine else None
         if size == 1:  # each sample alone: (1, n*C, H, W) normalises each (sample, channel) over H, W
-            out = F.batch_norm(x.reshape(1, n * channels, height, width), None, None, weight, bias, True, 0.0,
-                               self.eps)
+            stacked = x.reshape(1, n * channels, height, width)
+        else:  # groups as extra channels: (g, G*C, H, W) normalises each (group, channel) over its samples
+            stacked = x.reshape(groups, size, channels, height, width).transpose(0, 1).reshape(
+                size, groups * channels, height, width)
+        # native_batch_norm also returns each (group, channel)'s mean and 1/std: the running statistics
+        # need them for the first group of every call, at no extra pass over the data
+        out, mean, inv_std = torch.native_batch_norm(stacked, weight, bias, None, None, True, 0.0, self.eps)
+        if self.track_running_stats and plan.update_stats:
+            self._update_running_stats(mean.detach(), inv_std.detach(), plan, groups, size * height * width)
+        if size == 1:
             return out.view(n, channels, height, width)
-        # groups as extra channels: (g, G*C, H, W) normalises each (group, channel) over its samples
-        stacked = x.reshape(groups, size, channels, height, width).transpose(0, 1).reshape(
-            size, groups * channels, height, width)
-        out = F.batch_norm(stacked, None, None, weight, bias, True, 0.0, self.eps)
         return out.view(size, groups, channels, height, width).transpose(0, 1).reshape(n, channels, height, width)
 
     @torch.no_grad()
-    def _update_running_stats(self, x: torch.Tensor, plan: BNPlan) -> None:
-        calls = x.shape[0] // plan.call_size
-        first = x.reshape(calls, plan.call_size, *x.shape[1:])[:, :plan.group_size]
-        first = first.float() if first.dtype in (torch.float16, torch.bfloat16) else first
-        variances, means = torch.var_mean(first, dim=(1, 3, 4), correction=1)
-        fold_running_stats(self.running_mean, self.running_var, means, variances, self.momentum)
-        self.num_batches_tracked.add_(calls)
+    def _update_running_stats(self, mean: torch.Tensor, inv_std: torch.Tensor, plan: BNPlan, groups: int,
+                              count: int) -> None:
+        firsts = torch.arange(0, groups, plan.call_size // plan.group_size, device=mean.device)
+        mean, inv_std = mean.view(groups, -1)[firsts].double(), inv_std.view(groups, -1)[firsts].double()
+        variances = (inv_std.pow(-2) - self.eps) * (count / max(count - 1, 1))  # unbiased, as BatchNorm keeps
+        fold_running_stats(self.running_mean, self.running_var, mean, variances, self.momentum)
+        self.num_batches_tracked.add_(len(firsts))
 
 
 def to_grouped_batchnorm(module: nn.Module) -> nn.Module:

@@ -3,22 +3,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import torch
 
 from core.builder import ARCHITECTURES, BN_MODES, HEADS
 from core.strategies import STRATEGIES
 from tools.augment import AUGMENT_CHOICES
+from tools.datasets import DATASET_KINDS, DEFAULT_SPLITS
+from tools.demo_formats import DEMO_FORMATS
 from tools.errors import UserError
 
-# A CPU-sized recipe for --demo: random-init resnet18 at 128 px on the generated demo set, with the
-# reference optimizer (lr 0.1, effective momentum 1e-4, poly). BN in normal mode: frozen statistics
-# of a random init would not normalise anything. The whole demo run is 222 iterations, so alpha_re
-# ramps over all of it: about as many iterations as the reference's 5% of 4,950. min_distance 5 at
-# 128 px is the reference's 20 at 512 px.
+# A CPU-sized recipe for --demo: random-init resnet18 at 128 px on the generated demo set, 4 epochs
+# (148 iterations), the reference's lr 0.1, groups and poly schedule, but SGD momentum 0.9: from random
+# weights the reference's effective momentum 1e-4 learns too slowly for a few-minute run (measured on
+# cTopk-w: 32% val mAP after 2 epochs against 52-61% with 0.9). Method, head and BatchNorm grouping are
+# the scripts' own. alpha_re ramps over the whole (short) run, about as many iterations as the
+# reference's 5% of 4,950; min_distance 5 at 128 px is the reference's 20 at 512 px.
 DEMO_DEFAULTS = dict(
     architecture="resnet18", mode="normal", pretrained="none", image_size=128, min_image_size=96,
-    max_image_size=160, batch_size=16, max_epoch=6, alpha_schedule_re=1.0, num_workers=1, min_distance=5,
+    max_image_size=160, batch_size=16, max_epoch=4, momentum=0.9, alpha_schedule_re=1.0, num_workers=1,
+    min_distance=5,
     train_split="main:train", val_split="main:val", print_ratio=0.25,
 )
 
@@ -76,19 +81,31 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser(defaults: dict) -> argparse.ArgumentParser:
-    p = OneLineParser(description=defaults.get("description"), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    # data
-    a("--data_dir", default=None, help="VOC2012 folder (holding JPEGImages/, Annotations/) or a folder containing "
-      "VOCdevkit/VOC2012")
-    a("--demo", action="store_true", help="generate the demo set (once, into a cache folder) and use the CPU recipe")
-    a("--train_split", default="train_aug", help="split name (data/NAME.txt, else ImageSets/Main/NAME.txt), "
-      "main:NAME for the devkit list, or a path to a .txt")
-    a("--val_split", default="val")
+def _data_flags(a: Callable) -> None:
+    """--data_dir, --demo, splits, workers."""
+    a("--data_dir", default=None, help="the dataset folder: VOC (holding JPEGImages/, Annotations/, or "
+      "VOCdevkit/VOCyyyy under it), COCO (annotations/, train2014/, val2014/) or a list folder (classes.txt)")
+    a("--dataset", default=None, choices=DATASET_KINDS, help="the dataset's format and protocol (default: "
+      "detected from --data_dir's layout)")
+    a("--demo", nargs="?", const="voc", default=None, choices=DEMO_FORMATS,
+      help="generate the demo set in this format (once, into a cache folder) and use the CPU recipe")
+    a("--train_split", default=None, help="default: the dataset's (" + "; ".join(
+      f"{k} {t}" for k, (t, _) in DEFAULT_SPLITS.items()) + "); VOC: a name (data/NAME.txt for VOC2012, else "
+      "ImageSets/Main/NAME.txt), main:NAME for the devkit list, or a .txt path; COCO: train2014/val2014; "
+      "list: NAME for NAME.csv or a .csv path")
+    a("--val_split", default=None, help="default: the dataset's (" + "; ".join(
+      f"{k} {v}" for k, (_, v) in DEFAULT_SPLITS.items()) + ")")
+    a("--eval_resize", default="auto", choices=["auto", "fit", "none"], help="validation images: fit = resize "
+      "the long side to --image_size first; none = the reference's top-left window at the native scale; auto = fit "
+      "for COCO and list data, none for VOC")
+    a("--keep_unlabelled", action="store_true", help="COCO: keep the images without any annotation (the "
+      "protocol leaves them out)")
     a("--skip_bad_images", action="store_true", help="skip unreadable images with a warning instead of stopping")
     a("--num_workers", type=int, default=4)
-    # network
+
+
+def _network_flags(a: Callable) -> None:
+    """Backbone, BatchNorm, head, initial weights."""
     a("--architecture", default="resnet50", choices=sorted(ARCHITECTURES))
     a("--mode", default="normal", choices=BN_MODES,
       help="BatchNorm: normal (the reference), fix = frozen statistics with trainable affine (ablation)")
@@ -98,7 +115,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
       help="BatchNorm statistics grouped as the reference's calls over N DataParallel GPUs (4: the published "
       "run; 1: one GPU)")
     a("--pretrained", default="imagenet", help="imagenet | none | PATH to a torchvision ResNet state dict")
-    # recipe
+
+
+def _recipe_flags(a: Callable) -> None:
+    """Optimiser, schedule, sizes, augmentation, logging, seed, device."""
     a("--batch_size", type=int, default=32, help="images per optimizer step, over all GPUs/processes together")
     a("--max_epoch", type=int, default=15)
     a("--max_iterations", type=int, default=None, help="stop after N iterations, then evaluate and save")
@@ -117,7 +137,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--print_ratio", type=float, default=0.1, help="log every print_ratio of an epoch")
     a("--seed", type=int, default=0)
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    # OASS
+
+
+def _oass_flags(a: Callable, defaults: dict) -> None:
+    """Strategy, loss weights, keypoints, teacher, tiles."""
     a("--strategy", default=defaults.get("strategy", "none"), choices=sorted(STRATEGIES))
     a("--alpha_re", type=float, default=0.0, help="weight of the re-construction loss (after warm-up)")
     a("--alpha_schedule_re", type=float, default=0.5,
@@ -131,6 +154,9 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--num_pieces", type=int, default=4, choices=[4], help="Puzzle-CAM flag; OASS always cuts into 4")
     a("--k", type=int, default=5, help="peaks per class for the top-k strategies")
     a("--min_distance", type=int, default=20, help="peak suppression radius in input pixels")
+    a("--patch_bn_update", default="reference", choices=["reference", "off"],
+      help="reference: tile calls through the student update its BatchNorm running statistics (Max, Puzzle-CAM); "
+      "off: only its batch calls do")
     a("--keypoint_rule", default="reference", choices=["reference", "clean"],
       help="reference: the official scripts' rules, quirks included; clean: float means, no 128-px filter")
     a("--alpha_ema", type=float, default=0.99, help="EMA teacher momentum (upper bound of the warm-up)")
@@ -139,7 +165,10 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--patch_chunk", type=patch_chunk_value, default="auto",
       help="tiles per forward of the patch network: auto (by device and tile size, core/step.py), 0 = all at "
       "once, N = N tiles (rounded down to whole tasks of 4)")
-    # scale and speed
+
+
+def _run_flags(a: Callable) -> None:
+    """Speed, evaluation and outputs."""
     a("--amp", default="off", choices=["off", "bf16", "fp16"])
     a("--accum_steps", type=int, default=1, help="micro-batches per optimizer step (batch_size is the total)")
     # evaluation and outputs
@@ -149,6 +178,14 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
     a("--save_every", type=int, default=0, help="also save the last checkpoint every N iterations (0: per epoch)")
     a("--resume", action="store_true", help="continue the run of --tag from <tag>_last.pth")
     a("--overwrite", action="store_true", help="start --tag over, replacing its outputs")
+
+
+def build_parser(defaults: dict) -> argparse.ArgumentParser:
+    p = OneLineParser(description=defaults.get("description"), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add in (_data_flags, _network_flags, _recipe_flags):
+        add(p.add_argument)
+    _oass_flags(p.add_argument, defaults)
+    _run_flags(p.add_argument)
     p.set_defaults(**{k: v for k, v in defaults.items() if k not in ("description", "strategy")})
     return p
 
@@ -156,9 +193,12 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
 def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(defaults)
-    if "--demo" in argv:  # the demo recipe replaces the defaults; explicit flags still win
-        parser.set_defaults(**DEMO_DEFAULTS)
     args = parser.parse_args(argv)
+    if args.demo:  # the demo recipe replaces the defaults; explicit flags still win
+        parser.set_defaults(**DEMO_DEFAULTS)
+        if args.demo != "voc":  # the COCO and list demos use their dataset's own split names
+            parser.set_defaults(train_split=None, val_split=None)
+        args = parser.parse_args(argv)
     if args.alpha is not None:
         args.alpha_re = args.alpha
     if args.alpha_schedule is not None:
@@ -167,7 +207,8 @@ def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namesp
     if args.patch_network is None:
         args.patch_network = strategy.patch_network
     if args.tag is None:
-        args.tag = f"{'demo' if args.demo else args.architecture}@{args.strategy}"
+        demo = {None: None, "voc": "demo"}.get(args.demo, f"demo-{args.demo}")
+        args.tag = f"{demo or args.architecture}@{args.strategy}"
     if args.eval_batch_size is None:
         args.eval_batch_size = args.batch_size
     validate_args(args)

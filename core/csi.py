@@ -177,7 +177,8 @@ class CSIHead(nn.Module):
         mean = moment1 / count
         # clamp: rounding can leave a tiny negative where the variance is 0 (e.g. an all-zero CAM)
         var = (moment2 / count - mean * mean).clamp_min(0.0)
-        self._update_running_statistics(mean.detach(), var.detach(), batch, group_size, count)
+        if self.bn_plan is None or self.bn_plan.update_stats:
+            self._update_running_statistics(mean.detach(), var.detach(), batch, group_size, count)
         return mean, var, group_size
 
     @torch.no_grad()

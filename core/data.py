@@ -1,8 +1,9 @@
-"""Training data: the dataset folder, the deterministic batch sampler and the loaders."""
+"""Training data: the dataset (VOC2012/2007, COCO 2014, list; tools/datasets.py), the deterministic batch
+sampler and the loaders."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,13 @@ from torch.utils.data import DataLoader
 
 from core.runtime import Runtime
 from tools.augment import EvalTransform, TrainTransform
-from tools.demo_data import default_demo_root, generate_demo_dataset
+from tools.datasets import dataset_images, default_splits, open_dataset, resolve_dataset
+from tools.demo_formats import default_demo_root, generate_demo
 from tools.errors import UserError
-from tools.voc import VOCClassification, load_split, resolve_voc_root
+from tools.images import MultiLabelImages
+from tools.voc import VOC_CLASSES
+
+DEMO_DATASETS = {"voc": "voc2012", "coco": "coco2014", "list": "list"}  # --demo format -> dataset kind
 
 
 class EpochBatchSampler:
@@ -54,13 +59,16 @@ class EpochBatchSampler:
 
 
 def resolve_data_root(args: argparse.Namespace, runtime: Runtime) -> Path:
+    """The dataset folder (the demo set built first for --demo); sets args.dataset to its kind."""
     if not args.demo:
-        return resolve_voc_root(args.data_dir)
-    root = Path(args.data_dir) if args.data_dir else default_demo_root()
+        args.dataset, root = resolve_dataset(args.data_dir, args.dataset)
+        return root
+    root = Path(args.data_dir) if args.data_dir else default_demo_root(args.demo)
     if runtime.is_main:
-        generate_demo_dataset(root)
+        generate_demo(args.demo, root)
     if runtime.distributed:
         dist.barrier()
+    args.dataset, root = resolve_dataset(root, args.dataset or DEMO_DATASETS[args.demo])
     return root
 
 
@@ -69,22 +77,35 @@ class RunData:
     """The two splits of a run, their loaders' inputs and the validation targets."""
 
     root: Path
-    train_set: VOCClassification
-    val_set: VOCClassification
+    train_set: MultiLabelImages
+    val_set: MultiLabelImages
     val_targets: np.ndarray  # (N, C) 0/1
     val_ignore: np.ndarray  # (N, C) True where an image holds only difficult objects of a class
+    val_boxes: list[np.ndarray] | None  # VOC: per image (M, 5) rows (class, xmin, ymin, xmax, ymax), 1-based inclusive
     sampler: EpochBatchSampler
     loader: DataLoader
+    class_names: tuple[str, ...] = VOC_CLASSES
+    notes: list[str] = field(default_factory=list)  # facts for the log (e.g. COCO images left out)
 
 
 def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     """Datasets, sampler and loader; every input problem is reported here, before anything is written."""
     root = resolve_data_root(args, runtime)
-    train_split = load_split(root, args.train_split)
-    val_split = load_split(root, args.val_split)
+    default_train, default_val = default_splits(args.dataset)
+    args.train_split, args.val_split = args.train_split or default_train, args.val_split or default_val
+    train_split, val_split = (open_dataset(args.dataset, root, name, keep_unlabelled=args.keep_unlabelled)
+                              for name in (args.train_split, args.val_split))
+    if train_split.class_names != val_split.class_names:
+        raise UserError(f"splits '{args.train_split}' and '{args.val_split}' of {root} list different classes "
+                        f"({train_split.num_classes} and {val_split.num_classes}); use the same category list")
+    # the head's size and the names in logs, history and tools come from the dataset
+    args.num_classes, args.class_names = train_split.num_classes, list(train_split.class_names)
+    if args.eval_resize == "auto":  # VOC keeps the reference protocol; COCO's images exceed 448 px
+        args.eval_resize = "none" if args.dataset.startswith("voc") else "fit"
     transform = TrainTransform(args.image_size, args.min_image_size, args.max_image_size, augment=args.augment)
-    train_set = VOCClassification(root, train_split, transform, args.skip_bad_images)
-    val_set = VOCClassification(root, val_split, EvalTransform(args.image_size), args.skip_bad_images)
+    train_set = dataset_images(train_split, transform, args.skip_bad_images)
+    val_set = dataset_images(val_split, EvalTransform(args.image_size, args.eval_resize == "fit"),
+                             args.skip_bad_images)
     sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size,
                                 args.accum_steps)
     if sampler.iterations_per_epoch < 1:
@@ -93,5 +114,5 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     workers = args.num_workers
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0)
-    return RunData(root, train_set, val_set, np.stack([a.labels for a in val_split.annotations]),
-                   np.stack([a.difficult_only for a in val_split.annotations]), sampler, loader)
+    return RunData(root, train_set, val_set, val_split.labels, val_split.ignore, val_split.boxes, sampler, loader,
+                   train_split.class_names, train_split.notes + val_split.notes)

@@ -1,4 +1,5 @@
-"""Validation during training: scores of every image of the split, gathered over ranks, and both mAPs."""
+"""Validation during training: scores of every image of the split, gathered over ranks, both mAPs and the
+thresholded metrics (CP, CR, CF1, OP, OR, OF1, for all labels and the top 3)."""
 from __future__ import annotations
 
 import argparse
@@ -12,54 +13,74 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.builder import make_cams
+from core.localisation import flat_summary, score_localisation
 from core.runtime import Runtime
 from core.tb_logging import log_cam_images
-from tools.metrics import mean_average_precision
+from tools.cam_metrics import HitTally
+from tools.metrics import THRESHOLD_METRICS, mean_average_precision, multilabel_metrics
+
+THRESHOLD_KEYS = (*THRESHOLD_METRICS, *(f"{name}_top3" for name in THRESHOLD_METRICS))  # CP ... OF1_top3
 
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset, indices: list[int], args: argparse.Namespace, runtime: Runtime,
-            autocast: dict, desc: str) -> np.ndarray:
-    """Logits of `indices` (in that order) with the evaluation transform."""
+            autocast: dict, desc: str, boxes: list[np.ndarray] | None = None) -> tuple[np.ndarray, HitTally | None]:
+    """Logits of `indices` (in that order) with the evaluation transform; with `boxes` (per dataset image),
+    also the pointing game and keypoint hits of the same forward's CAMs (None without)."""
     model.eval()
     batches = [indices[i:i + args.eval_batch_size] for i in range(0, len(indices), args.eval_batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
                         pin_memory=runtime.device.type == "cuda")
-    scores = []
-    for images, _, _ in tqdm(loader, desc=desc, leave=False, disable=not runtime.is_main, dynamic_ncols=True):
+    scores, tally = [], HitTally() if boxes is not None else None
+    for images, labels, used in tqdm(loader, desc=desc, leave=False, disable=not runtime.is_main,
+                                     dynamic_ncols=True):
         images = images.to(runtime.device, non_blocking=True)
         if runtime.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(**autocast):
-            logits, _ = model(images)
+            logits, features = model(images)
         scores.append(logits.float().cpu())
+        if tally is not None:
+            score_localisation(tally, make_cams(features.float()), labels.to(runtime.device),
+                               [boxes[i] for i in used.tolist()], tuple(images.shape[-2:]), args.k, args.min_distance,
+                               getattr(args, "keypoint_rule", "reference"))
     model.train()
-    return torch.cat(scores).numpy() if scores else np.zeros((0, 20), np.float32)
+    empty = np.zeros((0, getattr(args, "num_classes", 20)), np.float32)
+    return (torch.cat(scores).numpy() if scores else empty), tally
 
 
 def evaluate(model: nn.Module, dataset, targets: np.ndarray, ignore: np.ndarray, args: argparse.Namespace,
-             runtime: Runtime, autocast: dict, desc: str = "eval") -> dict:
-    """mAP (reference AP) and mAP_voc (devkit AP) over every image of the split, each counted once."""
+             runtime: Runtime, autocast: dict, desc: str = "eval", boxes: list[np.ndarray] | None = None) -> dict:
+    """mAP (reference AP), mAP_voc (devkit AP) and CP ... OF1_top3 (percent, at sigmoid >= 0.5) over every
+    image of the split, each counted once; with `boxes`, also "localisation": the pointing game and keypoint
+    hit rates (core/localisation.py)."""
     n = len(dataset)
     shard = list(range(runtime.rank, n, runtime.world_size))
-    scores = predict(model, dataset, shard, args, runtime, autocast, desc)
+    scores, tally = predict(model, dataset, shard, args, runtime, autocast, desc, boxes)
     if runtime.distributed:
         gathered = [None] * runtime.world_size
-        dist.all_gather_object(gathered, (shard, scores))
+        dist.all_gather_object(gathered, (shard, scores, tally))
         full = np.zeros((n, targets.shape[1]), np.float32)
         seen = np.zeros(n, np.int64)
-        for idx, part in gathered:
+        tally = HitTally() if boxes is not None else None
+        for idx, part, part_tally in gathered:
             full[idx] = part
             seen[idx] += 1
+            if tally is not None:
+                tally.merge(part_tally)
         assert (seen == 1).all(), "every validation image must be scored exactly once"
         scores = full
     m_ref, ap_ref = mean_average_precision(scores, targets, kind="reference")
     m_voc, ap_voc = mean_average_precision(scores, targets, ignore=ignore, kind="voc")
+    probabilities = torch.sigmoid(torch.from_numpy(scores).double()).numpy()
     # the reference's eval_class_loss: the class loss of the validation images (a mean over images here;
     # the reference averaged equal-sized batch means, the same value without its dropped last batch)
     class_loss = F.multilabel_soft_margin_loss(torch.from_numpy(scores).double(), torch.from_numpy(targets).double())
-    return {"mAP": m_ref, "mAP_voc": m_voc, "eval_class_loss": float(class_loss), "ap": ap_ref.tolist(),
-            "ap_voc": ap_voc.tolist(), "num_images": n}
+    result = {"mAP": m_ref, "mAP_voc": m_voc, **multilabel_metrics(probabilities, targets, ignore),
+              "eval_class_loss": float(class_loss), "ap": ap_ref.tolist(), "ap_voc": ap_voc.tolist(), "num_images": n}
+    if tally is not None:
+        result["localisation"] = flat_summary(tally)
+    return result
 
 
 @torch.no_grad()

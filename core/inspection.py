@@ -21,10 +21,12 @@ from core.keypoints import upsample_maps
 from core.recipe import RUN_DEFINING_FLAGS
 from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_size
 from tools.checkpoint import load_checkpoint_and_hash
-from tools.demo_data import default_demo_root, generate_demo_dataset
+from tools.datasets import SplitData, dataset_family, default_splits, detect_dataset, open_dataset, resolve_dataset
+from tools.demo_formats import default_demo_root, generate_demo, is_outdated_demo
 from tools.errors import UserError
+from tools.images import BadImageError, load_rgb_image
 from tools.run_files import RunFiles
-from tools.voc import BadImageError, load_rgb_image, resolve_voc_root
+from tools.voc import VOC_CLASSES
 
 CHECKPOINT_NAMES = ("best", "last")
 OVERLAY_ALPHA = 0.5  # weight of the heat map in a CAM overlay
@@ -46,6 +48,11 @@ def safe_name(text: str) -> str:
     if text.endswith(".txt") or "/" in text or "\\" in text:
         text = Path(text).stem
     return re.sub(r"[^A-Za-z0-9._@-]+", "_", text).strip("_") or "split"
+
+
+def cam_folder(output_dir: str | Path, tag: str, split: str, teacher: bool = False) -> Path:
+    """Where make_cams.py writes (and evaluate_cams.py reads) a run's CAMs of a split by default."""
+    return Path(output_dir) / "cams" / f"{tag}_{safe_name(split)}{'_teacher' if teacher else ''}"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -104,9 +111,14 @@ def read_checkpoint(path: Path) -> tuple[dict, str]:
     return checkpoint, sha
 
 
+def run_class_names(config: dict) -> tuple[str, ...]:
+    """The classes a run was trained on (runs from before the dataset choice were VOC's 20)."""
+    return tuple(config.get("class_names") or VOC_CLASSES)
+
+
 def build_classifier(config: dict, state: dict, device: torch.device) -> Classifier:
     """The run's network rebuilt from its config (no ImageNet download) with `state` loaded, in eval mode."""
-    model = classifier_from_config(config)
+    model = classifier_from_config(config, num_classes=len(run_class_names(config)))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -160,26 +172,54 @@ def load_run(tag: str | None, checkpoint: str | None, output_dir: str | Path, de
 
 
 # ----------------------------------------------------------------------------- data
-def data_root(config: dict, data_dir: str | None) -> Path:
-    """The VOC folder to read: --data_dir when given, else the run's own (the demo cache for --demo runs)."""
-    if data_dir is not None:
-        return resolve_voc_root(data_dir)
+def run_dataset(config: dict, data_dir: str | None) -> tuple[str, Path]:
+    """(kind, folder) to read: --data_dir when given (its layout decides), else the run's own dataset (the demo
+    cache for --demo runs, rebuilt if deleted)."""
+    kind = config.get("dataset")
+    if data_dir is not None:  # the run's kind where the layout allows it (a VOC2007 run reads VOC2007 splits)
+        detected = detect_dataset(data_dir)
+        same_family = kind is not None and dataset_family(kind) == dataset_family(detected[0])
+        return resolve_dataset(data_dir, kind) if same_family else detected
     if config.get("demo"):
-        root = Path(config["data_dir"]) if config.get("data_dir") else default_demo_root()
-        if (root / "JPEGImages").is_dir() and (root / "Annotations").is_dir():
-            return root
-        return generate_demo_dataset(root)  # the same call the trainer makes: rebuilds a deleted cache
+        demo = "voc" if config["demo"] is True else config["demo"]  # runs from before --demo took a format
+        root = Path(config["data_dir"]) if config.get("data_dir") else default_demo_root(demo)
+        if not is_outdated_demo(root, demo):
+            try:
+                return resolve_dataset(root, kind)
+            except UserError:
+                pass
+        # the same call the trainer makes: rebuilds a deleted cache, or one from an older generator
+        return resolve_dataset(generate_demo(demo, root), kind)
     if not config.get("data_dir"):
         raise UserError("the run's config names no data_dir; pass --data_dir DIR")
     try:
-        return resolve_voc_root(config["data_dir"])
+        return resolve_dataset(config["data_dir"], kind)
     except UserError as exc:
         raise UserError(f"the run's data folder is not usable ({exc}); pass --data_dir DIR") from None
 
 
+def data_root(config: dict, data_dir: str | None) -> Path:
+    """The dataset folder to read (see run_dataset)."""
+    return run_dataset(config, data_dir)[1]
+
+
 def default_split(config: dict) -> str:
-    """The split the run validated on (main:val for --demo runs)."""
-    return config.get("val_split") or "val"
+    """The split the run validated on (main:val for VOC --demo runs)."""
+    return config.get("val_split") or default_splits(config.get("dataset") or "voc2012")[1]
+
+
+def open_run_split(config: dict, data_dir: str | None, split: str | None,
+                   require_annotations: bool = True) -> SplitData:
+    """A split of the run's dataset (or of --data_dir's), checked to hold the classes the run was trained on."""
+    kind, root = run_dataset(config, data_dir)
+    data = open_dataset(kind, root, split or default_split(config), require_annotations,
+                        keep_unlabelled=config.get("keep_unlabelled", False))
+    trained = run_class_names(config)
+    if data.class_names != trained:
+        raise UserError(f"the run was trained on {len(trained)} classes ({', '.join(trained[:4])}, ...), but split "
+                        f"{data.split!r} of {root} ({kind}) has {data.num_classes} ({', '.join(data.class_names[:4])}, "
+                        f"...); pass the --data_dir of the run's dataset")
+    return data
 
 
 # ----------------------------------------------------------------------------- images
@@ -206,9 +246,7 @@ def eval_input(image: Image.Image, image_size: int, fit: bool = False) -> torch.
 
     fit=True first resizes the long side to S, so that an arbitrary photo is seen whole.
     """
-    if fit:
-        image = resize_long_side(image, image_size)
-    return EvalTransform(image_size)(image)
+    return EvalTransform(image_size, fit_long_side=fit)(image)
 
 
 def denormalize(images: torch.Tensor) -> np.ndarray:

@@ -18,6 +18,7 @@ from tools.errors import UserError
 RUN_DEFINING_FLAGS = (
     # what is trained, on which data
     "strategy", "architecture", "mode", "pretrained", "head", "dataset", "demo", "train_split", "val_split",
+    "keep_unlabelled", "eval_resize",
     # the optimisation: the poly schedule spans max_epoch epochs, so max_epoch is part of every lr
     "batch_size", "max_epoch", "lr", "wd", "momentum", "nesterov", "warmup_epoch", "seed", "amp",
     # the inputs
@@ -89,12 +90,24 @@ def _describe(name: str, old: Any, new: Any) -> str:
     return f"--{name} {old} → {new}{reason}"
 
 
+def legacy_config(saved: dict) -> dict:
+    """A config saved before --dataset existed, as today's flags describe that run: VOC2012 validated in the
+    reference's top-left window, and --demo without a format meaning the VOC demo."""
+    saved = dict(saved)
+    if "dataset" not in saved:
+        saved.setdefault("eval_resize", "none")
+        saved["dataset"] = "voc2012"
+    if isinstance(saved.get("demo"), bool):
+        saved["demo"] = "voc" if saved["demo"] else None
+    return saved
+
+
 def check_resume(checkpoint: Any, current: dict, script: str, path: Path) -> dict:
     """Refuse (UserError, one line) to resume `checkpoint` with another script or recipe; returns the
     allowed differences ({flag: [saved, current]}) for the history."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
         raise UserError(f"--resume: {path} is not a checkpoint of the training scripts (no 'config' entry)")
-    saved = checkpoint["config"]
+    saved = legacy_config(checkpoint["config"])
     saved_script = checkpoint.get("script") or (checkpoint.get("history") or {}).get("script")
     parts = [f"script {saved_script} → {script}"] if saved_script and saved_script != script else []
     changes = recipe_changes(saved, current, flag_defaults(bool(saved.get("demo"))))

@@ -99,7 +99,9 @@ def tile_plan(strategy: Strategy, args: argparse.Namespace, num_tiles: int) -> B
     """Per-task strategies: one call of 4 tiles per task. Puzzle-CAM: one call holding every tile,
     ordered by quadrant (the caller reorders the tiles so)."""
     call = num_tiles if strategy.one_tile_call else 4
-    return BNPlan.for_calls(call, args.reference_gpus)
+    # --patch_bn_update off: the student's tile calls leave the running statistics to its batch calls
+    update = args.patch_bn_update == "reference" or args.patch_network == "teacher"
+    return BNPlan.for_calls(call, args.reference_gpus, update)
 
 
 def auto_patch_chunk(device: torch.device, num_tiles: int, tile_h: int, tile_w: int, itemsize: int = 4) -> int:

@@ -17,14 +17,16 @@ from tqdm import tqdm
 
 from core.config import parse_args
 from core.data import RunData, build_data
-from core.evaluation import evaluate, log_val_cams
+from core.evaluation import THRESHOLD_KEYS, evaluate, log_val_cams
+from core.localisation import format_summary
 from core.recipe import check_resume, check_stop, current_script
 from core.runtime import Runtime, broadcast_buffers, rng_states, seed_everything, set_rng_states, setup_runtime
 from core.step import LOSS_TERMS, StepContext, alpha_re_at, build_step, train_step
 from core.strategies import STRATEGIES
 from core.tb_logging import close_writer, log_scalars, make_writer
 from tools.checkpoint import load_checkpoint_and_hash, plain_values, restore_states, save_checkpoint, write_json
-from tools.errors import UserError, run_cli
+from tools.errors import UserError, run_cli, user_message
+from tools.images import BadImageError
 from tools.metrics import chance_map
 from tools.run_files import History, Logger, RunFiles
 
@@ -148,6 +150,8 @@ class Run:
                                             "device": self.runtime.device}))
         self.log(f"# strategy {strategy.name}: {strategy.summary}; patch network: {args.patch_network}")
         self.log(f"# chance level of val mAP (mean AP of random scores): {chance:.2f}%")
+        for note in data.notes:
+            self.log(f"# data: {note}")
 
     def record_step(self, stats: torch.Tensor) -> None:
         """Accumulate a step's stats on the device; remember the first non-finite one (no sync)."""
@@ -186,10 +190,13 @@ class Run:
         for network in (ctx.bare_student, ctx.bare_teacher):
             if network is not None:
                 broadcast_buffers(network, runtime)
-        result = evaluate(model, data.val_set, data.val_targets, data.val_ignore, args, runtime, ctx.autocast, "val")
+        result = evaluate(model, data.val_set, data.val_targets, data.val_ignore, args, runtime, ctx.autocast, "val",
+                          boxes=data.val_boxes)
+        localisation = result.get("localisation", {})  # needs boxes: VOC only
         record = {"epoch": round(self.iteration / self.iters_per_epoch, 3), "iteration": self.iteration,
                   "mAP": result["mAP"], "mAP_voc": result["mAP_voc"], "eval_class_loss": result["eval_class_loss"],
-                  "num_images": result["num_images"]}
+                  "num_images": result["num_images"], **{key: result[key] for key in THRESHOLD_KEYS},
+                  **localisation}  # is the CAM on the object: pointing game, keypoint hit rates (VOC boxes)
         teacher = ctx.bare_teacher
         if teacher is not None:
             record["mAP_teacher"] = evaluate(teacher, data.val_set, data.val_targets, data.val_ignore, args, runtime,
@@ -201,10 +208,13 @@ class Run:
         self.history.validation.append(record)
         teacher_part = f" mAP_teacher {record['mAP_teacher']:.2f}" if teacher is not None else ""
         self.log(f"[val] epoch {record['epoch']:.2f} iteration {self.iteration}: mAP {record['mAP']:.2f} "
-                 f"mAP_voc {record['mAP_voc']:.2f}{teacher_part} best {self.best_map:.2f} "
-                 f"eval_class_loss {record['eval_class_loss']:.4f} "
-                 f"(chance {chance:.2f}, {result['num_images']} images)")
-        scalars = {f"val/{k}": v for k, v in record.items() if k.startswith(("mAP", "eval_"))}
+                 f"mAP_voc {record['mAP_voc']:.2f} CF1 {record['CF1']:.2f} OF1 {record['OF1']:.2f} "
+                 f"top-3 CF1 {record['CF1_top3']:.2f} OF1 {record['OF1_top3']:.2f}{teacher_part} "
+                 f"best {self.best_map:.2f} eval_class_loss {record['eval_class_loss']:.4f} "
+                 f"(chance {chance:.2f}, {result['num_images']} images)"
+                 f"{'; ' + format_summary(localisation) if localisation else ''}")
+        scalars = {f"val/{k}": v for k, v in record.items()
+                   if k.startswith(("mAP", "eval_")) or k in THRESHOLD_KEYS or k in localisation}
         log_scalars(self.writer, self.iteration, scalars)
         if self.writer is not None:
             log_val_cams(self.writer, self.iteration, ctx.bare_student, data.val_set, runtime.device)
@@ -213,6 +223,11 @@ class Run:
         self.save("last")
 
     # ------------------------------------------------------------------------- the loop
+    def validation_pending(self) -> bool:
+        """At an epoch end (or the last iteration) without its validation record: a validation that failed."""
+        due = self.iteration > 0 and (self.iteration % self.iters_per_epoch == 0 or self.iteration == self.stop_at)
+        return due and all(v["iteration"] != self.iteration for v in self.history.validation)
+
     def loop(self, chance: float) -> None:
         args, sampler = self.args, self.data.sampler
         stop = StopRequest()
@@ -222,6 +237,8 @@ class Run:
                         dynamic_ncols=True)
         try:
             self.ctx.student.train()
+            if self.validation_pending():  # resumed after a bad image stopped the last validation
+                self.validate(chance)
             while self.iteration < self.stop_at:
                 if batches is None:
                     sampler.set_epoch(self.iteration // self.iters_per_epoch, self.iteration % self.iters_per_epoch)
@@ -244,6 +261,11 @@ class Run:
                     self.log(f"# stopped by signal {stop.signum} at iteration {self.iteration}; saved "
                              f"{self.files.checkpoint('last')}; continue with --resume")
                     raise SystemExit(128 + stop.signum)
+        except BadImageError as exc:
+            # a broken image met mid-run: keep the progress, so that --resume after the fix loses nothing
+            self.save("last")
+            raise BadImageError(f"{user_message(exc)}; saved {self.files.checkpoint('last')}, continue with "
+                                f"--resume once it is fixed") from None
         finally:
             progress.close()  # before any error line, so that the error stays the last line
 
@@ -256,13 +278,14 @@ def train(args: argparse.Namespace) -> dict:
     files = RunFiles(Path(args.output_dir), args.tag)
     if runtime.is_main:
         files.prepare(args.resume, args.overwrite)
-    run = Run(args, runtime, data, files, build_step(args, runtime))
+    run = Run(args, runtime, data, files, build_step(args, runtime, len(data.class_names)))
     if args.resume:
         run.restore()
     chance = chance_map(data.val_targets)
     run.history.extra.update({"chance_mAP": chance, "strategy_summary": strategy.summary,
                               "script": current_script(), "iterations_per_epoch": run.iters_per_epoch,
-                              "total_iterations": run.total})
+                              "total_iterations": run.total, "dataset": args.dataset,
+                              "class_names": list(data.class_names)})
     run.log_header(chance)
     run.writer = make_writer(files.root / "tensorboard" / args.tag) if runtime.is_main else None  # optional
     run.loop(chance)

@@ -149,3 +149,20 @@ def test_whole_network_student_and_tile_calls(head, gpus):
     for key, value in ours.state_dict().items():
         if "running" in key:
             torch.testing.assert_close(value, their_stats[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("head", ["gap", "csi"])
+def test_plan_without_statistics_normalises_the_same_and_keeps_the_running_statistics(head):
+    """--patch_bn_update off: tile calls normalise per chunk as planned but leave the running statistics alone."""
+    torch.manual_seed(5)
+    model = Classifier("resnet18", num_classes=5, pretrained="none", head=head).train()
+    randomise_bn(model, 6)
+    tiles = torch.randn(8, 3, 64, 64)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    with bn_plan(model, BNPlan.for_calls(4, 4, update_stats=False)):
+        frozen = model(tiles)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with bn_plan(model, BNPlan.for_calls(4, 4)):
+        updating = model(tiles)
+    torch.testing.assert_close(frozen, updating)
+    assert not torch.equal(model.state_dict()["backbone.1.running_mean"], before["backbone.1.running_mean"])

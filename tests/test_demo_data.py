@@ -85,6 +85,33 @@ def test_objects_boxes_and_sizes(tiny):
             assert 0.1 <= side <= 0.6
 
 
+def test_masks_mark_the_drawn_shapes(tiny):
+    """SegmentationClass: a VOC palette PNG per image, of its size; each label's pixels lie in that class's box
+    and have that class's colour (the nearest of the 20); every object shows; the lists equal the main ones."""
+    for kind in ("train", "val"):
+        assert read_split_file(tiny / "ImageSets" / "Segmentation" / f"{kind}.txt") == \
+            read_split_file(tiny / "ImageSets" / "Main" / f"{kind}.txt")
+    for xml in sorted((tiny / "Annotations").glob("*.xml")):
+        ann = parse_annotation(xml)
+        with Image.open(tiny / "SegmentationClass" / f"{xml.stem}.png") as png:
+            assert png.mode == "P" and png.getpalette()[3:6] == [128, 0, 0]  # VOC colour of label 1
+            mask = np.array(png)
+        pixels = np.asarray(Image.open(tiny / "JPEGImages" / f"{xml.stem}.jpg"), dtype=np.float32)
+        assert mask.shape == pixels.shape[:2]
+        boxes = {VOC_CLASSES.index(o.name): o.box for o in ann.objects}
+        assert set(np.unique(mask).tolist()) == {0} | {c + 1 for c in boxes}
+        height, width = mask.shape
+        for c, (x0, y0, x1, y1) in boxes.items():
+            ys, xs = np.nonzero(mask == c + 1)
+            # parse_annotation clamps xmax/ymax to width-1/height-1 (the reference's rule): a shape touching
+            # the right or bottom edge reaches one pixel past its parsed box
+            x1, y1 = x1 + (x1 == width - 1), y1 + (y1 == height - 1)
+            assert xs.min() >= x0 - 1 and xs.max() <= x1 - 1 and ys.min() >= y0 - 1 and ys.max() <= y1 - 1
+            colour = np.median(pixels[mask == c + 1], axis=0)
+            nearest = np.argmin([np.abs(colour - np.array(rgb)).sum() for _, rgb in CLASS_STYLES])
+            assert nearest == c, (xml.stem, VOC_CLASSES[c], colour)
+
+
 def test_every_class_in_train_and_loads_as_a_split(tiny):
     train = load_split(tiny, "main:train")
     assert (labels_matrix(train).sum(0) > 0).all()

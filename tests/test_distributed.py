@@ -55,6 +55,9 @@ def test_torchrun_two_processes_match_one_process(tiny_voc, single_run, tmp_path
     assert ddp["num_images"] == single["num_images"] == 10
     assert ddp["mAP"] == pytest.approx(single["mAP"], abs=1e-3)
     assert ddp["mAP_voc"] == pytest.approx(single["mAP_voc"], abs=1e-3)
+    # the localisation tallies of both ranks are merged: every (image, class) pair counted once
+    for key in ("pointing_game", "hit_rate_cmax", "hit_rate_max", "box_distance_ctopk_w"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-3), key
     assert history(tmp_path, "ddp")["config"]["tag"] == "ddp"
     assert not (tmp_path / "logs" / "ddp.txt").read_text().count("# config") > 1  # rank 0 alone writes
 

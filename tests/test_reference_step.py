@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from keypoint_oracles import argmax_reference, rule_b_reference
+from keypoint_oracles import argmax_reference, rule_a_reference, rule_b_reference
 from test_batchnorm import literal_call, to_plain_batchnorm
 
 from core.builder import parameter_groups
@@ -20,7 +20,7 @@ from core.runtime import Runtime
 from core.step import build_step, train_step
 
 SIZE, BATCH, CLASSES = 128, 4, 20
-SCRIPTS = {"ctopk_w": (3.0, 0.05, 0.5), "max": (3.0, 0.05, 0.5)}
+SCRIPTS = {name: (3.0, 0.05, 0.5) for name in ("max", "cmax", "ctopk", "ctopk_w")}  # alpha_re, schedule, alpha_p
 
 
 def reference_cam(features: torch.Tensor) -> torch.Tensor:
@@ -49,6 +49,10 @@ def literal_keypoint(strategy: str, cams: torch.Tensor, labels: torch.Tensor, im
         up = F.interpolate(merged[None, None], size=[SIZE, SIZE], mode="bilinear", align_corners=False)[0, 0]
         return tuple(argmax_reference(up.numpy()))
     up = F.interpolate(cams[image, cls][None, None], size=[SIZE, SIZE], mode="bilinear", align_corners=False)[0, 0]
+    if strategy == "cmax":
+        return tuple(argmax_reference(up.numpy()))
+    if strategy == "ctopk":  # the 128-px radius at 512 px, scaled with the image
+        return tuple(rule_a_reference(up.numpy(), 5, min_distance, radius=SIZE // 4))
     return tuple(rule_b_reference(up.numpy(), 5, min_distance))
 
 
@@ -89,8 +93,8 @@ def literal_iteration(strategy, student, teacher, images, labels, gpus, iteratio
     return torch.stack([class_loss.detach(), p_class.detach(), re.detach()])
 
 
-@pytest.mark.parametrize("strategy", ["ctopk_w", "max"])
-@pytest.mark.parametrize("gpus", [1, 4])
+@pytest.mark.parametrize("strategy,gpus", [("ctopk_w", 1), ("ctopk_w", 4), ("max", 1), ("max", 4), ("cmax", 4),
+                                           ("ctopk", 4)])
 def test_one_iteration_equals_literal_per_task_loop(strategy, gpus):
     alpha_re, schedule, alpha_p = SCRIPTS[strategy]
     args = parse_args({"strategy": strategy, "head": "csi"}, [

@@ -50,6 +50,12 @@ def test_script_smoke_run(script, tiny_voc, tmp_path):
     puzzle = SCRIPTS[script] != "none"
     assert (history["train"][-1]["tasks_per_batch"] > 0) == puzzle
     assert ("mAP_teacher" in last) == SCRIPTS[script].startswith("c")
+    # every script logs where its CAMs point (pointing game, each strategy's keypoint hit rate and box distance)
+    for record in history["validation"]:
+        assert 0 <= record["pointing_game"] <= 100
+        for strategy in ("max", "cmax", "ctopk", "ctopk_w"):
+            assert 0 <= record[f"hit_rate_{strategy}"] <= 100 and record[f"box_distance_{strategy}"] >= 0
+    assert "hits: pointing" in log
     for which in ("best", "last"):
         ckpt = torch.load(exp / "models" / f"{tag}_{which}.pth", weights_only=False)
         assert {"model", "config", "epoch"} <= set(ckpt)

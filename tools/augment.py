@@ -158,14 +158,21 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Normalise, then keep the top-left image_size x image_size window, zero-padded (reference protocol)."""
+    """Normalise, then keep the top-left image_size x image_size window, zero-padded (reference protocol).
 
-    def __init__(self, image_size: int):
+    With fit_long_side, the image is first resized (bicubic) so that its long side is image_size: the whole
+    image is seen, as COCO's 448 px protocol needs (its images are up to 640 px).
+    """
+
+    def __init__(self, image_size: int, fit_long_side: bool = False):
         _check_sizes(image_size=image_size)
-        self.image_size = int(image_size)
+        self.image_size, self.fit_long_side = int(image_size), fit_long_side
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        return place_on_canvas(np.asarray(_rgb_pixels(img)), self.image_size, None)
+        img = _rgb_pixels(img)
+        if self.fit_long_side:
+            img = img.resize(long_side_size(img.width, img.height, self.image_size), Image.BICUBIC)
+        return place_on_canvas(np.asarray(img), self.image_size, None)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size})"
+        return f"EvalTransform(image_size={self.image_size}, fit_long_side={self.fit_long_side})"

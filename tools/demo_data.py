@@ -3,7 +3,9 @@
 Each VOC class is a (shape, colour) pair drawn on a cluttered background: 20 well-separated
 colours (10 hues, bright and dark), 5 shapes, so that a randomly initialised resnet18 learns it in
 minutes on a CPU, while objects are small enough (20-45% of the short side) for localisation to
-matter. Output is a pure function of the arguments: image k depends only on (seed, k).
+matter. Every image has a segmentation mask (SegmentationClass/, VOC palette; no 255 borders) and
+is listed in ImageSets/Segmentation too, so the CAM tools (make_cams.py, evaluate_cams.py) run on it.
+Output is a pure function of the arguments: image k depends only on (seed, k).
 
     python -m tools.demo_data --out DIR [--num_train N --num_val N --seed S]
 """
@@ -24,11 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tools.cam_metrics import palette_image
 from tools.errors import UserError, run_cli
 from tools.voc import NUM_CLASSES, VOC_CLASSES
 
 MARKER_NAME = ".oass_demo.json"
-FORMAT_VERSION = 1  # bump when the drawing changes, so cached datasets are rebuilt
+FORMAT_VERSION = 2  # bump when the drawing or the files change, so cached datasets are rebuilt (2: masks)
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "plus", "ring")
 _HUES = 10
 
@@ -172,19 +175,22 @@ def _choose_classes(rng: np.random.Generator, first: int) -> list[int]:
 
 
 def render_image(rng: np.random.Generator, first_class: int, min_side: int,
-                 max_side: int) -> tuple[np.ndarray, list[DemoObject]]:
-    """One uint8 HWC image and its objects."""
+                 max_side: int) -> tuple[np.ndarray, list[DemoObject], np.ndarray]:
+    """One uint8 HWC image, its objects and its segmentation (uint8 HW: 0 background, class + 1 where the
+    object is visible, later objects covering earlier ones as drawn)."""
     width, height = _image_size(rng, min_side, max_side)
     background = Image.fromarray(np.clip(_gradient(rng, width, height), 0, 255).astype(np.uint8))
     _draw_clutter(background, rng)
     pixels = np.asarray(background, dtype=np.float32).copy()
+    segmentation = np.zeros((height, width), np.uint8)
     objects = []
     for cls, mask in _place_objects(rng, (width, height), _choose_classes(rng, first_class)):
         colour = np.asarray(CLASS_STYLES[cls][1], np.float32) + rng.uniform(-12, 12, size=3)
         pixels[mask] = colour
+        segmentation[mask] = cls + 1
         objects.append(DemoObject(cls, _tight_box(mask), bool(rng.random() < _DIFFICULT_RATE)))
     pixels += rng.normal(0.0, 5.0, size=pixels.shape)  # sensor-like noise over everything
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), objects
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), objects, segmentation
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ def _annotation_xml(image_id: str, width: int, height: int, objects: list[DemoOb
     size = ET.SubElement(root, "size")
     for tag, value in (("width", width), ("height", height), ("depth", 3)):
         ET.SubElement(size, tag).text = str(value)
-    ET.SubElement(root, "segmented").text = "0"
+    ET.SubElement(root, "segmented").text = "1"
     for obj in objects:
         node = ET.SubElement(root, "object")
         ET.SubElement(node, "name").text = VOC_CLASSES[obj.class_index]
@@ -214,8 +220,10 @@ def _annotation_xml(image_id: str, width: int, height: int, objects: list[DemoOb
     return tree
 
 
-def _write_sample(folder: Path, image_id: str, pixels: np.ndarray, objects: list[DemoObject]) -> None:
+def _write_sample(folder: Path, image_id: str, pixels: np.ndarray, objects: list[DemoObject],
+                  segmentation: np.ndarray) -> None:
     Image.fromarray(pixels).save(folder / "JPEGImages" / f"{image_id}.jpg", quality=95)
+    palette_image(segmentation).save(folder / "SegmentationClass" / f"{image_id}.png")
     height, width = pixels.shape[:2]
     _annotation_xml(image_id, width, height, objects).write(folder / "Annotations" / f"{image_id}.xml",
                                                              encoding="utf-8")
@@ -230,14 +238,15 @@ def _write_split(folder: Path, params: dict, name: str, start: int, count: int) 
         image_id = f"demo_{k + 1:06d}"
         rng = np.random.default_rng([seed, k])  # image k is a pure function of (seed, k)
         first = int(schedule[(k - start) % NUM_CLASSES])
-        pixels, objects = render_image(rng, first, params["min_side"], params["max_side"])
-        _write_sample(folder, image_id, pixels, objects)
+        pixels, objects, segmentation = render_image(rng, first, params["min_side"], params["max_side"])
+        _write_sample(folder, image_id, pixels, objects, segmentation)
         ids.append(image_id)
-    (folder / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(i + "\n" for i in ids))
+    for kind in ("Main", "Segmentation"):  # every demo image has a mask: the same ids in both lists
+        (folder / "ImageSets" / kind / f"{name}.txt").write_text("".join(i + "\n" for i in ids))
 
 
 def _write_dataset(folder: Path, params: dict) -> None:
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Main", "ImageSets/Segmentation"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     _write_split(folder, params, "train", 0, params["num_train"])
     _write_split(folder, params, "val", params["num_train"], params["num_val"])
@@ -306,7 +315,8 @@ def generate_demo_dataset(root: Path, num_train: int = 600, num_val: int = 200, 
                           max_side: int = 128, seed: int = 0) -> Path:
     """Write (or reuse) the demo dataset at `root` and return `root`.
 
-    root/JPEGImages, root/Annotations and root/ImageSets/Main/{train,val}.txt, built in a temp
+    root/JPEGImages, root/Annotations, root/SegmentationClass (VOC palette PNGs),
+    root/ImageSets/{Main,Segmentation}/{train,val}.txt, built in a temp
     sibling folder and renamed into place. root/.oass_demo.json records the arguments: a call with
     the same arguments returns at once; different ones rebuild the folder.
     """

@@ -1,4 +1,4 @@
-"""Average precision for multi-label classification: the reference's AP and the VOC devkit's AP.
+"""Multi-label metrics: the reference's AP, the VOC devkit's AP, and the thresholded CP/CR/CF1/OP/OR/OF1.
 
 Both rank the items of a class by descending score and differ in what they average:
 
@@ -18,6 +18,10 @@ scores keep their input order (the order of the image list). That is what the
 devkit does: ``[so, si] = sort(-out)`` with MATLAB's stable ``sort``. With ties
 the result therefore depends on the input order, unlike sklearn, which treats
 a tie as one threshold.
+
+The thresholded metrics (``threshold_metrics``, ``multilabel_metrics``) follow the protocol of
+ML-GCN's ``AveragePrecisionMeter.evaluation`` (megvii-research/ML-GCN, util.py), used since by
+CSRA, ASL and Query2Label; see that function's docstring for the conventions.
 """
 from __future__ import annotations
 
@@ -27,9 +31,12 @@ import numpy as np
 
 __all__ = [
     "AP_KINDS",
+    "THRESHOLD_METRICS",
     "chance_map",
     "mean_average_precision",
+    "multilabel_metrics",
     "reference_average_precision",
+    "threshold_metrics",
     "voc_average_precision",
 ]
 
@@ -169,3 +176,71 @@ def chance_map(targets: np.ndarray, draws: int = 100, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     maps = [mean_average_precision(rng.random(targets.shape), targets)[0] for _ in range(draws)]
     return float(np.mean(maps))
+
+
+# ----------------------------------------------------------------------------- thresholded metrics
+
+THRESHOLD_METRICS: tuple[str, ...] = ("CP", "CR", "CF1", "OP", "OR", "OF1")
+
+
+def _predicted_positives(probabilities: np.ndarray, threshold: float, top_k: int | None) -> np.ndarray:
+    """(n, C) bool: score >= threshold, and with top_k among the image's k highest scores.
+
+    Ties for the k-th place go to the lower class index (stable sort), so the result never
+    depends on the sorting algorithm.
+    """
+    passed = probabilities >= threshold
+    if top_k is None:
+        return passed
+    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    kept = np.zeros_like(passed)
+    np.put_along_axis(kept, best, True, axis=1)
+    return passed & kept
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def threshold_metrics(probabilities: np.ndarray, targets: np.ndarray, ignore: np.ndarray | None = None,
+                      threshold: float = 0.5, top_k: int | None = None) -> dict[str, float]:
+    """CP, CR, CF1, OP, OR, OF1 in percent, from (n, C) probabilities (after the sigmoid) and 0/1 targets.
+
+    A label is predicted when its probability is >= ``threshold`` (ML-GCN: logit >= 0); with
+    ``top_k`` only the image's k highest scores may be predicted, and only if they pass the
+    threshold (ML-GCN's ``overall_topk``). Per class c: Nc true positives, Np predicted, Ng positive.
+
+    * CP = mean over classes of Nc/Np, where a class with no predicted positive has precision 0
+      (ML-GCN sets Np = 1 there); CR = mean of Nc/Ng. Both average over the classes with at least
+      one positive in ``targets`` (all of them on VOC and COCO; ML-GCN would divide by zero).
+    * CF1 = 2·CP·CR / (CP + CR), from the averaged CP and CR, not the mean of per-class F1s.
+    * OP = ΣNc / ΣNp, OR = ΣNc / ΣNg, OF1 = 2·OP·OR / (OP + OR): over every label of every image.
+      ML-GCN's OP also carries its Np = 1 substitute, so it is lower than this when a class has
+      no predicted positive; with predictions in every class the two agree.
+    * ``ignore`` (n, C) pairs count nowhere (the devkit's difficult-only images, as in mAP_voc).
+    An F1 whose precision and recall are both 0 is 0.
+    """
+    probabilities = _as_scores(probabilities, 2)
+    targets = _as_flags("targets", targets, probabilities.shape)
+    counted = np.ones_like(targets) if ignore is None else ~_as_flags("ignore", ignore, probabilities.shape)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    predicted = _predicted_positives(probabilities, threshold, top_k) & counted
+    positive = targets & counted
+    hits, n_predicted, n_positive = ((predicted & positive).sum(0), predicted.sum(0), positive.sum(0))
+    classes = n_positive > 0
+    if not classes.any():
+        return {name: float("nan") for name in THRESHOLD_METRICS}
+    class_precision = hits[classes] / np.maximum(n_predicted[classes], 1)  # 0 when nothing is predicted
+    cp, cr = class_precision.mean(), (hits[classes] / n_positive[classes]).mean()
+    op, orc = hits.sum() / max(n_predicted.sum(), 1), hits.sum() / n_positive.sum()
+    values = (cp, cr, _f1(cp, cr), op, orc, _f1(op, orc))
+    return {name: 100.0 * float(v) for name, v in zip(THRESHOLD_METRICS, values)}
+
+
+def multilabel_metrics(probabilities: np.ndarray, targets: np.ndarray, ignore: np.ndarray | None = None,
+                       threshold: float = 0.5, top_k: int = 3) -> dict[str, float]:
+    """``threshold_metrics`` for all labels (CP, ..., OF1) and for the top k (CP_top3, ..., OF1_top3)."""
+    every = threshold_metrics(probabilities, targets, ignore, threshold)
+    top = threshold_metrics(probabilities, targets, ignore, threshold, top_k)
+    return every | {f"{name}_top{top_k}": value for name, value in top.items()}

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 for multi-label classification: folders, split lists, XML labels, images, Dataset.
+"""PASCAL VOC (2012 and 2007) for multi-label classification: folders, split lists, XML labels, Dataset.
 
 Everything a user can get wrong (a path, a split name, a broken file) raises `UserError` with one
 sentence that says what was found and what was expected.
@@ -6,18 +6,22 @@ sentence that says what was found and what was expected.
 from __future__ import annotations
 
 import os
-import struct
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
 from tools.errors import UserError
+from tools.images import (  # BadImageError and load_rgb_image moved there; importable from here still
+    BadImageError,  # noqa: F401
+    MultiLabelImages,
+    Transform,
+    load_rgb_image,  # noqa: F401
+    short_name,
+)
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -30,12 +34,13 @@ REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 # Files in data/ that are not split lists.
 _NOT_SPLITS = frozenset({"class_names"})
-_ROOT_HINT = "point it at VOCdevkit/VOC2012 (the folder holding JPEGImages/ and Annotations/)"
+VOC_YEARS = ("2012", "2007")
+
+
+def _root_hint(year: str = "2012") -> str:
+    return f"point it at VOCdevkit/VOC{year} (the folder holding JPEGImages/ and Annotations/)"
+
 _SHOW_IDS = 5
-
-
-class BadImageError(UserError):
-    """An image file that cannot be decoded completely (truncated, corrupt, not an image)."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +67,6 @@ class VOCSplit:
 
 # ----------------------------------------------------------------------------------------------
 # XML annotations
-
-
-def _short_name(path: Path) -> str:
-    """'Annotations/x.xml': enough to find the file under the dataset root, short enough for one line."""
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 def _unknown_class_message(where: str, name: str) -> str:
@@ -115,7 +115,7 @@ def _parse_object(obj: ET.Element, where: str, size: tuple[int, int] | None) -> 
 def parse_annotation(xml_path: Path) -> Annotation:
     """Labels of one VOC XML file: the set of object names (difficult objects count as positives)."""
     xml_path = Path(xml_path)
-    where = _short_name(xml_path)
+    where = short_name(xml_path)
     try:
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as exc:
@@ -136,7 +136,7 @@ def parse_annotation(xml_path: Path) -> Annotation:
 # Dataset root
 
 
-def _list_entries(folder: Path, limit: int = 6) -> str:
+def list_entries(folder: Path, limit: int = 6) -> str:
     try:
         names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
     except OSError:
@@ -147,36 +147,41 @@ def _list_entries(folder: Path, limit: int = 6) -> str:
     return "it contains " + ", ".join(names[:limit]) + more
 
 
-def _is_voc_folder(folder: Path) -> bool:
+def is_voc_folder(folder: Path) -> bool:
     return (folder / "JPEGImages").is_dir() and (folder / "Annotations").is_dir()
 
 
-def _wrong_root_message(path: Path) -> str:
-    flag = f"--data_dir {path}"
+def voc_candidates(path: Path, year: str = "2012") -> tuple[Path, ...]:
+    """Where a VOC folder of `year` may sit under --data_dir: the folder itself, VOCdevkit/VOCyyyy, VOCyyyy."""
+    return path, path / "VOCdevkit" / f"VOC{year}", path / f"VOC{year}"
+
+
+def wrong_root_message(path: Path, year: str) -> str:
+    flag, hint = f"--data_dir {path}", _root_hint(year)
     if path.name in ("JPEGImages", "Annotations", "ImageSets"):
         return f"{flag} is the {path.name}/ folder itself; pass its parent {path.parent} instead"
-    for candidate in (path, path / "VOC2012", path / "VOCdevkit" / "VOC2012"):
+    for candidate in voc_candidates(path, year):
         has_images, has_xml = (candidate / "JPEGImages").is_dir(), (candidate / "Annotations").is_dir()
         if has_images != has_xml:
             missing = "Annotations/" if has_images else "JPEGImages/"
-            return f"{flag}: {candidate} has no {missing} folder; {_ROOT_HINT}"
+            return f"{flag}: {candidate} has no {missing} folder; {hint}"
     if (path / "VOCdevkit").is_dir():
-        return (f"{flag} has VOCdevkit/ but no VOCdevkit/VOC2012/ with JPEGImages/ and Annotations/ "
-                f"({_list_entries(path / 'VOCdevkit')}); {_ROOT_HINT}")
-    return f"{flag} has no JPEGImages/ folder ({_list_entries(path)}); {_ROOT_HINT}"
+        return (f"{flag} has VOCdevkit/ but no VOCdevkit/VOC{year}/ with JPEGImages/ and Annotations/ "
+                f"({list_entries(path / 'VOCdevkit')}); {hint}")
+    return f"{flag} has no JPEGImages/ folder ({list_entries(path)}); {hint}"
 
 
-def resolve_voc_root(data_dir: str | Path) -> Path:
-    """The VOC2012 folder, given it, its VOCdevkit/ parent's parent, or a folder holding VOC2012/."""
+def resolve_voc_root(data_dir: str | Path, year: str = "2012") -> Path:
+    """The VOC folder of `year`, given it, its VOCdevkit/ parent's parent, or a folder holding VOCyyyy/."""
     path = Path(data_dir).expanduser()
     if not path.exists():
-        raise UserError(f"--data_dir {path} does not exist; {_ROOT_HINT}")
+        raise UserError(f"--data_dir {path} does not exist; {_root_hint(year)}")
     if not path.is_dir():
-        raise UserError(f"--data_dir {path} is a file, not a folder; {_ROOT_HINT}")
-    for candidate in (path, path / "VOCdevkit" / "VOC2012", path / "VOC2012"):
-        if _is_voc_folder(candidate):
+        raise UserError(f"--data_dir {path} is a file, not a folder; {_root_hint(year)}")
+    for candidate in voc_candidates(path, year):
+        if is_voc_folder(candidate):
             return candidate.resolve()
-    raise UserError(_wrong_root_message(path))
+    raise UserError(wrong_root_message(path, year))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,42 +224,44 @@ def _devkit_split_names(voc_root: Path) -> list[str]:
     return sorted(p.stem for p in main.glob("*.txt") if not _is_per_class_list(p.stem))
 
 
-def _available_splits(voc_root: Path) -> str:
-    repo = ", ".join(_repo_split_names()) or "none"
+def _available_splits(voc_root: Path, repo_lists: bool = True) -> str:
+    repo = (", ".join(_repo_split_names()) or "none") + f" (repo lists in {REPO_DATA_DIR}); " if repo_lists else ""
     devkit = ", ".join("main:" + n for n in _devkit_split_names(voc_root)) or "none"
-    return (f"available: {repo} (repo lists in {REPO_DATA_DIR}); {devkit} "
+    return (f"available: {repo}{devkit} "
             f"(devkit lists in {voc_root / 'ImageSets' / 'Main'}); or a path to a .txt list")
 
 
-def _split_path(voc_root: Path, name: str) -> Path:
+def _split_path(voc_root: Path, name: str, repo_lists: bool = True) -> Path:
     """Where the list named `name` lives (see resolve_split for the rule)."""
+    available = _available_splits(voc_root, repo_lists)
     if name.startswith("main:"):
         path = voc_root / "ImageSets" / "Main" / f"{name[len('main:'):]}.txt"
         if not path.is_file():
-            raise UserError(f"split {name!r}: {path} does not exist; {_available_splits(voc_root)}")
+            raise UserError(f"split {name!r}: {path} does not exist; {available}")
         return path
     as_path = Path(name).expanduser()
     if name.endswith(".txt") or os.sep in name:
         if as_path.is_file():
             return as_path
-        raise UserError(f"split list {as_path} is not a file; {_available_splits(voc_root)}")
+        raise UserError(f"split list {as_path} is not a file; {available}")
     repo_list = REPO_DATA_DIR / f"{name}.txt"
-    if name not in _NOT_SPLITS and repo_list.is_file():
+    if repo_lists and name not in _NOT_SPLITS and repo_list.is_file():
         return repo_list
     devkit_list = voc_root / "ImageSets" / "Main" / f"{name}.txt"
     if devkit_list.is_file():
         return devkit_list
-    raise UserError(f"unknown split {name!r}; {_available_splits(voc_root)}")
+    raise UserError(f"unknown split {name!r}; {available}")
 
 
-def resolve_split(voc_root: Path, name: str) -> tuple[list[str], Path]:
+def resolve_split(voc_root: Path, name: str, repo_lists: bool = True) -> tuple[list[str], Path]:
     """Ids and list file of a split.
 
     Rule: a path to an existing .txt file is used as is; `main:NAME` is the devkit's
-    ImageSets/Main/NAME.txt; a plain NAME is the repo's data/NAME.txt when it exists (the reference
-    protocol: train_aug, train, val, test), otherwise the devkit's ImageSets/Main/NAME.txt.
+    ImageSets/Main/NAME.txt; a plain NAME is the repo's data/NAME.txt when it exists and `repo_lists`
+    (VOC2012: the reference protocol's train_aug, train, val, test), otherwise the devkit's
+    ImageSets/Main/NAME.txt (always so for VOC2007, whose ids the repo lists do not hold).
     """
-    path = _split_path(Path(voc_root), name)
+    path = _split_path(Path(voc_root), name, repo_lists)
     ids = read_split_file(path)
     if not ids:
         raise UserError(f"split {name!r} ({path}) lists no image ids")
@@ -279,7 +286,7 @@ def _listing(missing: Sequence[str]) -> str:
     return ", ".join(missing[:_SHOW_IDS]) + more
 
 
-def _devkit_twin_hint(voc_root: Path, name: str, source: Path) -> str:
+def devkit_twin_hint(voc_root: Path, name: str, source: Path) -> str:
     """A repo list shadows a same-named devkit list (the demo dataset's train/val): say how to reach it."""
     twin = voc_root / "ImageSets" / "Main" / f"{name}.txt"
     if source.parent == REPO_DATA_DIR and twin.is_file():
@@ -292,7 +299,7 @@ def _check_files(voc_root: Path, name: str, ids: list[str], source: Path, requir
     no_image = _ids_without(voc_root / "JPEGImages", ids, ".jpg")
     no_xml = _ids_without(voc_root / "Annotations", ids, ".xml")
     where = f"split {name!r} ({source})"
-    hint = _devkit_twin_hint(voc_root, name, source)
+    hint = devkit_twin_hint(voc_root, name, source)
     if hint and len(no_image) == len(ids):
         raise UserError(f"none of the {len(ids)} ids of {where} has an image in JPEGImages/{hint}")
     # Before the image check: for VOC2012 test the real problem is the missing labels.
@@ -315,7 +322,7 @@ def _warn_if_unlabelled(name: str, ids: list[str], annotations: list[Annotation]
                       f"{_listing(empty)}", stacklevel=3)
 
 
-def load_split(voc_root: Path, name: str, require_annotations: bool = True) -> VOCSplit:
+def load_split(voc_root: Path, name: str, require_annotations: bool = True, repo_lists: bool = True) -> VOCSplit:
     """Ids of a split with their parsed annotations, after checking every image and XML exists.
 
     A split whose ids have no XML at all (VOC2012 test) is refused when annotations are required,
@@ -323,7 +330,7 @@ def load_split(voc_root: Path, name: str, require_annotations: bool = True) -> V
     a warning.
     """
     voc_root = Path(voc_root)
-    ids, source = resolve_split(voc_root, name)
+    ids, source = resolve_split(voc_root, name, repo_lists)
     has_xml = _check_files(voc_root, name, ids, source, require_annotations)
     annotations = None
     if has_xml:
@@ -353,106 +360,17 @@ def difficult_matrix(split: VOCSplit) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Images
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        # PIL's convert would clip 16-bit values at 255 (a white image): rescale to 8 bits instead.
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
-            arr = arr / 257.0
-        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # avoids PIL's warning about palette transparency
-    return img.convert("RGB")
-
-
-# What PIL raises on broken files varies with the format and the kind of damage.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error,
-                  Image.DecompressionBombError)
-
-
-def load_rgb_image(path: Path) -> Image.Image:
-    """Decode an image file completely and return it in RGB.
-
-    Any format PIL reads works whatever the file extension. EXIF orientation is ignored on purpose:
-    VOC boxes refer to the stored pixels. A missing, truncated or corrupt file raises BadImageError.
-    """
-    path = Path(path)
-    where = _short_name(path)
-    try:
-        with Image.open(path) as img:
-            img.load()  # full decode now, so truncation shows here and not inside a transform
-            return _to_rgb(img)
-    except FileNotFoundError:
-        raise BadImageError(f"{where} does not exist; re-download it or pass --skip_bad_images") from None
-    except _DECODE_ERRORS as exc:
-        raise BadImageError(f"{where} is truncated or not an image ({exc}); re-download it or pass "
-                            f"--skip_bad_images") from None
-
-
-# ----------------------------------------------------------------------------------------------
 # Dataset
 
-Transform = Callable[[Image.Image, "np.random.Generator | None"], torch.Tensor]
 
+class VOCClassification(MultiLabelImages):
+    """(image tensor, 20 labels, index) per id of a split (see MultiLabelImages for keys and skipping).
 
-def _parse_key(key: object) -> tuple[int, int | None]:
-    """`index` or `(index, aug_seed)`."""
-    if isinstance(key, tuple):
-        if len(key) != 2:
-            raise TypeError(f"expected an index or (index, aug_seed), got {key!r}")
-        index, seed = key
-        return int(index), (None if seed is None else int(seed))
-    return int(key), None  # type: ignore[call-overload]
-
-
-class VOCClassification(torch.utils.data.Dataset):
-    """(image tensor, 20 labels, index) per id of a split.
-
-    A key is an index or `(index, aug_seed)`; with a seed the transform receives
-    `np.random.default_rng(aug_seed)`, so an augmented sample is a pure function of its seed. With
-    `skip_bad_images`, an unreadable image is replaced by the next readable one ((index + 1) % len,
-    and so on) and the returned index is the one actually used. A split without annotations gives
-    all-zero labels.
+    A split without annotations gives all-zero labels.
     """
 
     def __init__(self, voc_root: Path, split: VOCSplit, transform: Transform, skip_bad_images: bool = False):
-        self.image_paths = [str(Path(voc_root) / "JPEGImages" / f"{i}.jpg") for i in split.ids]
-        if split.annotations is None:
-            labels = np.zeros((len(split.ids), NUM_CLASSES), np.float32)
-        else:
-            labels = labels_matrix(split)
-        self.labels = torch.from_numpy(labels)
-        self.transform = transform
-        self.skip_bad_images = skip_bad_images
-        self._bad: set[int] = set()  # per process (each DataLoader worker keeps its own)
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def _load_readable(self, index: int) -> tuple[Image.Image, int]:
-        for step in range(len(self)):
-            candidate = (index + step) % len(self)
-            if candidate in self._bad:
-                continue
-            try:
-                return load_rgb_image(Path(self.image_paths[candidate])), candidate
-            except BadImageError as exc:
-                if not self.skip_bad_images:
-                    raise
-                self._bad.add(candidate)
-                warnings.warn(f"skipping bad image: {exc}", stacklevel=3)
-        raise UserError(f"none of the {len(self)} images of the split can be decoded")
-
-    def __getitem__(self, key: int | tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        index, seed = _parse_key(key)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        image, used = self._load_readable(index)
-        rng = None if seed is None else np.random.default_rng(seed)
-        return self.transform(image, rng), self.labels[used].clone(), used
+        paths = [Path(voc_root) / "JPEGImages" / f"{i}.jpg" for i in split.ids]
+        labels = np.zeros((len(split.ids), NUM_CLASSES), np.float32) if split.annotations is None \
+            else labels_matrix(split)
+        super().__init__(paths, labels, transform, skip_bad_images)
