@@ -14,19 +14,24 @@ from tools.datasets import DATASET_KINDS, DEFAULT_SPLITS
 from tools.demo_formats import DEMO_FORMATS
 from tools.errors import UserError
 
-# A CPU-sized recipe for --demo: random-init resnet18 at 128 px on the generated demo set, 4 epochs
-# (148 iterations), the reference's lr 0.1, groups and poly schedule, but SGD momentum 0.9: from random
-# weights the reference's effective momentum 1e-4 learns too slowly for a few-minute run (measured on
-# cTopk-w: 32% val mAP after 2 epochs against 52-61% with 0.9). Method, head and BatchNorm grouping are
-# the scripts' own. alpha_re ramps over the whole (short) run, about as many iterations as the
-# reference's 5% of 4,950; min_distance 5 at 128 px is the reference's 20 at 512 px.
+# A CPU-sized recipe for --demo: random-init resnet18 at 112 px on the generated demo set, 3 epochs
+# (111 iterations, about 2 minutes on 2 cores), the reference's lr, groups and poly schedule, but SGD
+# momentum 0.9: from random weights the reference's effective momentum 1e-4 learns too slowly for a
+# few-minute run (measured on cTopk-w at 128 px: 32% val mAP after 2 epochs against 52-61% with 0.9). Method, head
+# and BatchNorm grouping are the scripts' own; a script may change this recipe (its DEFAULTS'
+# "demo_recipe", listed in the README). alpha_re ramps over the whole (short) run, about as many
+# iterations as the reference's 5% of 4,950; min_distance 5 at 112-128 px is the reference's 20 at 512 px.
 DEMO_DEFAULTS = dict(
-    architecture="resnet18", mode="normal", pretrained="none", image_size=128, min_image_size=96,
-    max_image_size=160, batch_size=16, max_epoch=4, momentum=0.9, alpha_schedule_re=1.0, num_workers=1,
+    architecture="resnet18", mode="normal", pretrained="none", image_size=112, min_image_size=96,
+    max_image_size=160, batch_size=16, max_epoch=3, momentum=0.9, alpha_schedule_re=1.0, num_workers=1,
     min_distance=5,
     train_split="main:train", val_split="main:val", print_ratio=0.25,
 )
 
+
+# Keys of a script's DEFAULTS that are not flag defaults: its --help text, its strategy (the default of
+# --strategy) and its own changes to the --demo recipe.
+SCRIPT_KEYS = ("description", "strategy", "demo_recipe")
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -157,6 +162,9 @@ def _oass_flags(a: Callable, defaults: dict) -> None:
     a("--patch_bn_update", default="reference", choices=["reference", "off"],
       help="reference: tile calls through the student update its BatchNorm running statistics (Max, Puzzle-CAM); "
       "off: only its batch calls do")
+    a("--tile_calls", default=None, choices=["task", "batch"],
+      help="how tiles meet the patch network, which sets their BatchNorm statistics: task = one call of 4 "
+      "tiles per task (OASS), batch = one call of all the batch's tiles (Puzzle-CAM) (default: the strategy's)")
     a("--keypoint_rule", default="reference", choices=["reference", "clean"],
       help="reference: the official scripts' rules, quirks included; clean: float means, no 128-px filter")
     a("--alpha_ema", type=float, default=0.99, help="EMA teacher momentum (upper bound of the warm-up)")
@@ -186,7 +194,7 @@ def build_parser(defaults: dict) -> argparse.ArgumentParser:
         add(p.add_argument)
     _oass_flags(p.add_argument, defaults)
     _run_flags(p.add_argument)
-    p.set_defaults(**{k: v for k, v in defaults.items() if k not in ("description", "strategy")})
+    p.set_defaults(**{k: v for k, v in defaults.items() if k not in SCRIPT_KEYS})
     return p
 
 
@@ -194,8 +202,8 @@ def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namesp
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(defaults)
     args = parser.parse_args(argv)
-    if args.demo:  # the demo recipe replaces the defaults; explicit flags still win
-        parser.set_defaults(**DEMO_DEFAULTS)
+    if args.demo:  # the demo recipe (and the script's changes to it) replaces the defaults; explicit flags win
+        parser.set_defaults(**{**DEMO_DEFAULTS, **defaults.get("demo_recipe", {})})
         if args.demo != "voc":  # the COCO and list demos use their dataset's own split names
             parser.set_defaults(train_split=None, val_split=None)
         args = parser.parse_args(argv)
@@ -206,6 +214,8 @@ def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namesp
     strategy = STRATEGIES[args.strategy]
     if args.patch_network is None:
         args.patch_network = strategy.patch_network
+    if args.tile_calls is None:
+        args.tile_calls = strategy.tile_calls
     if args.tag is None:
         demo = {None: None, "voc": "demo"}.get(args.demo, f"demo-{args.demo}")
         args.tag = f"{demo or args.architecture}@{args.strategy}"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.strategies import STRATEGIES
 from tools.errors import UserError
 
 RUN_DEFINING_FLAGS = (
@@ -25,7 +26,7 @@ RUN_DEFINING_FLAGS = (
     "image_size", "min_image_size", "max_image_size", "augment",
     # the OASS tasks and their losses
     "alpha_re", "alpha_schedule_re", "alpha_p", "alpha_ema", "re_loss", "re_loss_option", "num_pieces", "k",
-    "min_distance", "keypoint_rule", "patch_network", "reference_gpus",
+    "min_distance", "keypoint_rule", "patch_network", "tile_calls", "reference_gpus",
 )
 # May differ on --resume. accum_steps and patch_chunk only split the same batch into smaller
 # forwards to fit memory (same images per step, same schedule): the result changes by float
@@ -99,6 +100,8 @@ def legacy_config(saved: dict) -> dict:
         saved["dataset"] = "voc2012"
     if isinstance(saved.get("demo"), bool):
         saved["demo"] = "voc" if saved["demo"] else None
+    if "tile_calls" not in saved and saved.get("strategy") in STRATEGIES:  # before --tile_calls: the strategy's
+        saved["tile_calls"] = STRATEGIES[saved["strategy"]].tile_calls
     return saved
 
 

@@ -95,10 +95,15 @@ def student_plan(args: argparse.Namespace, micro_batch: int) -> BNPlan:
     return BNPlan(args.batch_size // args.reference_gpus, micro_batch)
 
 
+def one_tile_call(strategy: Strategy, args: argparse.Namespace) -> bool:
+    """--tile_calls batch (Puzzle-CAM's default): every tile of the batch in one call, ordered by quadrant."""
+    return (args.tile_calls or strategy.tile_calls) == "batch"
+
+
 def tile_plan(strategy: Strategy, args: argparse.Namespace, num_tiles: int) -> BNPlan:
-    """Per-task strategies: one call of 4 tiles per task. Puzzle-CAM: one call holding every tile,
-    ordered by quadrant (the caller reorders the tiles so)."""
-    call = num_tiles if strategy.one_tile_call else 4
+    """--tile_calls task: one call of 4 tiles per task. batch: one call holding every tile, ordered by
+    quadrant (the caller reorders the tiles so)."""
+    call = num_tiles if one_tile_call(strategy, args) else 4
     # --patch_bn_update off: the student's tile calls leave the running statistics to its batch calls
     update = args.patch_bn_update == "reference" or args.patch_network == "teacher"
     return BNPlan.for_calls(call, args.reference_gpus, update)
@@ -131,19 +136,20 @@ def tile_maps_of_tasks(ctx: StepContext, images: torch.Tensor, image_index: torc
     """The patch network's class maps of every task's four tiles, task-major (4N, C, h/2, w/2)."""
     args, strategy = ctx.args, ctx.strategy
     tiles = split_at_keypoints(images, image_index, cuts)
-    if strategy.one_tile_call:  # Puzzle-CAM's one call is ordered by quadrant: all top-left tiles first, ...
+    one_call = one_tile_call(strategy, args)
+    if one_call:  # Puzzle-CAM's one call is ordered by quadrant: all top-left tiles first, ...
         tiles = tiles.unflatten(0, (-1, 4)).transpose(0, 1).flatten(0, 1)
     # the same memory layout as the images, so that DDP's gradient buckets keep their layout
     tiles = tiles.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
     use_teacher = args.patch_network == "teacher"
     network = ctx.teacher if use_teacher else ctx.student
-    chunk = 0 if strategy.one_tile_call else args.patch_chunk
+    chunk = 0 if one_call else args.patch_chunk
     if chunk == "auto":  # autocast runs the convolutions in 2-byte floats
         chunk = auto_patch_chunk(tiles.device, tiles.shape[0], *tiles.shape[-2:],
                                  2 if ctx.autocast["enabled"] else tiles.element_size())
     with torch.autocast(**ctx.autocast):
         maps = patch_features(network, tiles, tile_plan(strategy, args, tiles.shape[0]), chunk, use_teacher)
-    if strategy.one_tile_call:
+    if one_call:
         maps = maps.unflatten(0, (4, -1)).transpose(0, 1).flatten(0, 1)
     return maps.float()
 

@@ -22,9 +22,10 @@ class Strategy:
     per_class: bool  # one task per (image, positive class) with a one-hot target
     keypoints: str  # centre | argmax | peaks | weighted_peaks
     patch_network: str  # default network for the tiles: student | teacher
-    # Puzzle-CAM sends all tiles of a batch through the network in one call, ordered by quadrant; the
-    # OASS scripts make one call per task (4 tiles). It matters for the BatchNorm grouping (core/batchnorm.py).
-    one_tile_call: bool = False
+    # How the tiles meet the patch network (--tile_calls): "batch" = all tiles of a batch in one call,
+    # ordered by quadrant (Puzzle-CAM); "task" = one call of 4 tiles per task (the OASS scripts). It
+    # decides the BatchNorm grouping of the tiles (core/batchnorm.py).
+    tile_calls: str = "task"
 
 
 STRATEGIES = {
@@ -32,7 +33,7 @@ STRATEGIES = {
     for s in (
         Strategy("none", "plain classification (class loss only)", False, False, "centre", "student"),
         Strategy("puzzle", "Puzzle-CAM: centre cut, student tiles, all labels", True, False, "centre", "student",
-                 one_tile_call=True),
+                 tile_calls="batch"),
         Strategy("max", "argmax of the merged CAM, student tiles, all labels", True, False, "argmax", "student"),
         Strategy("cmax", "argmax of each class's CAM, EMA-teacher tiles, one-hot", True, True, "argmax", "teacher"),
         Strategy("ctopk", "mean of each class's top-k CAM peaks, EMA teacher, one-hot", True, True, "peaks", "teacher"),

@@ -162,6 +162,19 @@ def test_dataset_mismatch_and_bad_demo_flags(tiny_voc, tmp_path, monkeypatch, ca
     assert parse_args({}, ["--demo", "coco"]).val_split is None  # resolved to val2014 by the dataset
 
 
+def test_a_script_changes_the_demo_recipe_only_under_demo():
+    import train_classification_with_puzzle_max as max_script
+
+    recipe = max_script.DEFAULTS["demo_recipe"]
+    demo = vars(parse_args(max_script.DEFAULTS, ["--demo"]))
+    assert recipe and all(demo[name] == value for name, value in recipe.items())
+    real = parse_args(max_script.DEFAULTS, ["--data_dir", "unused"])  # the reference's values without --demo
+    assert (real.tile_calls, real.reference_gpus, real.lr) == ("task", 4, 0.1)
+    assert parse_args(max_script.DEFAULTS, ["--demo", "--tile_calls", "task"]).tile_calls == "task"  # flags win
+    other = parse_args(oass_script.DEFAULTS, ["--demo"])  # another script's demo keeps the shared recipe
+    assert (other.tile_calls, other.reference_gpus) == ("task", 4)
+
+
 # ----------------------------------------------------------------------------- a bad image mid-run
 def test_bad_image_mid_run_saves_last_and_resume_loses_nothing(tmp_path, monkeypatch, capsys):
     root = generate_demo("list", tmp_path / "data", **TINY)

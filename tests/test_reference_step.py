@@ -56,7 +56,14 @@ def literal_keypoint(strategy: str, cams: torch.Tensor, labels: torch.Tensor, im
     return tuple(rule_b_reference(up.numpy(), 5, min_distance))
 
 
-def literal_iteration(strategy, student, teacher, images, labels, gpus, iteration, total, args):
+def tile_maps_in_one_call(student, images, cuts, gpus):
+    """--tile_calls batch: every task's quadrants in one call, ordered by quadrant (Puzzle-CAM's call)."""
+    tiles = torch.stack([quadrants(images[image], y, x) for image, (y, x) in cuts])  # (T, 4, 3, h, w)
+    _, maps = literal_call(student, tiles.transpose(0, 1).flatten(0, 1), gpus)
+    return maps.unflatten(0, (4, len(cuts))).transpose(0, 1)  # (T, 4, C, h', w')
+
+
+def literal_iteration(strategy, student, teacher, images, labels, gpus, iteration, total, args, tile_calls="task"):
     """Losses (class, p_class, re) of one reference iteration; updates student/teacher in place."""
     alpha_re_max, schedule, alpha_p = SCRIPTS[strategy]
     optimizer = torch.optim.SGD(parameter_groups(student, args.lr, args.wd), lr=args.lr, momentum=args.momentum,
@@ -68,10 +75,15 @@ def literal_iteration(strategy, student, teacher, images, labels, gpus, iteratio
     tasks = [(i, None) for i in range(BATCH)] if strategy == "max" else \
         [(i, c) for i in range(BATCH) for c in range(CLASSES) if labels[i, c] == 1]
     p_class, re = 0.0, 0.0
-    for image, cls in tasks:
-        y, x = literal_keypoint(strategy, cams, labels, image, cls, args.min_distance)
+    cuts = [literal_keypoint(strategy, cams, labels, image, cls, args.min_distance) for image, cls in tasks]
+    if tile_calls == "batch":
+        batch_maps = tile_maps_in_one_call(student, images, [(image, cut) for (image, _), cut in zip(tasks, cuts)],
+                                           gpus)
+    for number, ((image, cls), (y, x)) in enumerate(zip(tasks, cuts)):
         tiles = quadrants(images[image], y, x)
-        if strategy == "max":
+        if tile_calls == "batch":
+            tile_maps = batch_maps[number]
+        elif strategy == "max":
             _, tile_maps = literal_call(student, tiles, gpus)
         else:
             with torch.no_grad():
@@ -93,14 +105,18 @@ def literal_iteration(strategy, student, teacher, images, labels, gpus, iteratio
     return torch.stack([class_loss.detach(), p_class.detach(), re.detach()])
 
 
-@pytest.mark.parametrize("strategy,gpus", [("ctopk_w", 1), ("ctopk_w", 4), ("max", 1), ("max", 4), ("cmax", 4),
-                                           ("ctopk", 4)])
-def test_one_iteration_equals_literal_per_task_loop(strategy, gpus):
+@pytest.mark.parametrize("strategy,gpus,tile_calls", [
+    ("ctopk_w", 1, "task"), ("ctopk_w", 4, "task"), ("max", 1, "task"), ("max", 4, "task"), ("cmax", 4, "task"),
+    ("ctopk", 4, "task"),
+    ("max", 2, "batch"),  # --tile_calls batch (the Max demo): all tiles in one quadrant-ordered call
+])
+def test_one_iteration_equals_literal_per_task_loop(strategy, gpus, tile_calls):
     alpha_re, schedule, alpha_p = SCRIPTS[strategy]
     args = parse_args({"strategy": strategy, "head": "csi"}, [
         "--data_dir", "unused", "--architecture", "resnet18", "--pretrained", "none", "--image_size", str(SIZE),
         "--batch_size", str(BATCH), "--reference_gpus", str(gpus), "--min_distance", "3",
-        "--alpha_re", str(alpha_re), "--alpha_schedule_re", str(schedule), "--alpha_p", str(alpha_p)])
+        "--alpha_re", str(alpha_re), "--alpha_schedule_re", str(schedule), "--alpha_p", str(alpha_p),
+        "--tile_calls", tile_calls])
     torch.manual_seed(0)
     ctx = build_step(args, Runtime(torch.device("cpu")))
     # float64 networks: BatchNorm over one-tile chunks is ill-conditioned enough that float32 rounding
@@ -118,7 +134,7 @@ def test_one_iteration_equals_literal_per_task_loop(strategy, gpus):
         labels[i, list(classes)] = 1
     iteration, total = 5, 10
     stats = train_step(ctx, [(images, labels)], iteration, total)
-    expected = literal_iteration(strategy, student, teacher, images, labels, gpus, iteration, total, args)
+    expected = literal_iteration(strategy, student, teacher, images, labels, gpus, iteration, total, args, tile_calls)
     torch.testing.assert_close(stats[1:4].double(), expected, rtol=1e-5, atol=1e-5)
     for ours, theirs in ((ctx.bare_student, student), (ctx.bare_teacher, teacher)):
         if theirs is None:
