@@ -26,7 +26,7 @@ def test_flag_values():
 
 def test_cpu_rule_keeps_the_largest_activation_within_the_budget():
     # a tile's largest activation: 64 channels at half its side, 4 bytes each
-    assert auto_patch_chunk(CPU, 168, 64, 64) == 32  # demo recipe: 256 KiB per tile
+    assert auto_patch_chunk(CPU, 168, 64, 64) == 32  # 64-px tiles (128-px images): 256 KiB per tile
     assert auto_patch_chunk(CPU, 80, 128, 128) == 8  # resnet50 at 256 px: 1 MiB per tile
     assert auto_patch_chunk(CPU, 80, 128, 128, itemsize=2) == 16  # bf16 autocast
     assert auto_patch_chunk(CPU, 300, 256, 256) == 4  # never less than one task
