@@ -18,11 +18,11 @@ from tools.errors import UserError
 # (111 iterations, about 2 minutes on 2 cores), the reference's groups and poly schedule with SGD momentum
 # 0.9 and lr 0.05. From random weights the reference's effective momentum 1e-4 learns too slowly for a
 # few-minute run (cTopk-w at 128 px: 32% val mAP after 2 epochs against 52-61% with 0.9); with momentum
-# 0.9, lr 0.1 diverged in some 3-epoch runs (cMax 21.6%, plain classification 25.9%) and lr 0.01 learned
-# too slowly (cTopk-w 28%). Method, head and BatchNorm grouping are the scripts' own; a script may change
-# this recipe (its DEFAULTS' "demo_recipe", listed in the README). alpha_re ramps over the whole (short)
-# run, about as many iterations as the reference's 5% of 4,950; min_distance 5 at 112-128 px is the
-# reference's 20 at 512 px.
+# 0.9, lr 0.1 left cMax (it diverged) and the plain classifier near chance in 3-epoch runs (21.6%, 25.9%)
+# and lr 0.01 learned too slowly (cTopk-w 28%). Method, head and BatchNorm grouping are the scripts' own;
+# a script may change this recipe (its DEFAULTS' "demo_recipe", listed in the README). alpha_re ramps
+# over the whole (short) run, about as many iterations as the reference's 5% of 4,950; min_distance 5 at
+# 112-128 px is the reference's 20 at 512 px.
 DEMO_DEFAULTS = dict(
     architecture="resnet18", mode="normal", pretrained="none", image_size=112, min_image_size=96,
     max_image_size=160, batch_size=16, max_epoch=3, lr=0.05, momentum=0.9, alpha_schedule_re=1.0, num_workers=1,
