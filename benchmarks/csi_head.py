@@ -13,11 +13,9 @@ that neither inherits the other's allocator state. See benchmarks/README.md ("CS
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.measure import cpu_model  # noqa: E402
+from benchmarks.measure import MemoryProbe, cpu_model, synchronize  # noqa: E402
 from core.csi import CSIHead  # noqa: E402
 
 MIB = 1024.0 * 1024.0
@@ -95,51 +93,6 @@ def step(module: nn.Module, x: torch.Tensor, cams: torch.Tensor, upstream: torch
     return logits.detach()
 
 
-class MemoryProbe:
-    """CPU: growth of the process's resident memory (peak RSS during the step minus RSS just before);
-    CUDA: torch.cuda.max_memory_allocated during the step minus memory_allocated just before."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.resettable = True
-        self.base = 0.0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device) / MIB
-            return
-        try:  # hand freed heap back to the OS so the baseline is what is really held
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:  # Linux: writing 5 resets the peak RSS (VmHWM) to the current RSS
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.resettable = False
-        self.base = _rss_mib("VmRSS")
-
-    def growth(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / MIB - self.base
-        return _rss_mib("VmHWM") - self.base
-
-
-def _rss_mib(field: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak resident since the last reset) from /proc/self/status;
-    elsewhere getrusage's ru_maxrss for both (then the baseline is a peak too: growth is underestimated)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MIB if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
-
-
 def measure(variant: str, shape: Shape, device: torch.device, warmup: int = 1, repeats: int = 5,
             seed: int = 0) -> dict:
     """Time and peak memory growth of `warmup + repeats` forward + backward steps of one variant."""
@@ -150,10 +103,9 @@ def measure(variant: str, shape: Shape, device: torch.device, warmup: int = 1, r
         probe.start()
         begin = time.perf_counter()
         logits = step(module, x, cams, upstream)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         elapsed = time.perf_counter() - begin
-        growths.append(probe.growth())
+        growths.append(probe.read()[1])  # the step's peak minus the level before it
         if index >= warmup:
             times.append(elapsed)
     median = statistics.median(times)
