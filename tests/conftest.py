@@ -26,3 +26,12 @@ def tiny_voc(tmp_path_factory) -> Path:
     """A tiny VOC-format set (16 train + 10 val images, 48-64 px) for smoke runs; treat as read-only."""
     return generate_demo_dataset(tmp_path_factory.mktemp("voc") / "tiny", num_train=16, num_val=10,
                                  min_side=48, max_side=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's in-process training runs, whatever OMP_NUM_THREADS says."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

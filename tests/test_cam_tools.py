@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tool_calls import call
 
 import evaluate_cams
 import make_cams
@@ -30,15 +31,6 @@ from tools.voc import CLASS_INDEX, VOC_CLASSES, VOCClassification, labels_matrix
 
 SPLIT = "main:val"
 
-
-def call(main, argv: list, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_line(code: int, err: str, *words: str) -> str:

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tool_calls import call
 
 import compare_experiments
 import evaluate_classification
@@ -75,15 +76,6 @@ def sha256(path: Path) -> str:
 def snapshot(folder: Path) -> dict:
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
-
-def call(main, argv: list, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def resume(script: str, exp: Path, voc: Path, capsys, monkeypatch, *extra: str) -> tuple[int, str]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tool_calls import call
 
 import compare_experiments
 import evaluate_classification
@@ -43,12 +44,7 @@ SIZE = 64
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +59,6 @@ def run(tmp_path_factory) -> SimpleNamespace:
     history = json.loads((exp / "data" / "tiny.json").read_text())
     return SimpleNamespace(base=base, voc=voc, exp=exp, history=history)
 
-
-def call(main, argv: list[str], capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of a tool's main(argv), run in this process."""
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def load_model(path: Path, key: str = "model") -> Classifier:
