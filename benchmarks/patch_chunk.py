@@ -29,7 +29,6 @@ import torch  # noqa: E402
 from core.config import parse_args  # noqa: E402
 from core.ema import freeze_as_teacher  # noqa: E402
 from core.step import auto_patch_chunk, build_model, patch_features, tile_plan  # noqa: E402
-from core.strategies import STRATEGIES  # noqa: E402
 from tools.errors import run_cli  # noqa: E402
 
 
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     teacher = freeze_as_teacher(build_model(args))
     tiles = torch.randn(opts.tiles, 3, opts.tile, opts.tile)
-    plan = tile_plan(STRATEGIES["ctopk_w"], args, opts.tiles)
+    plan = tile_plan(args, opts.tiles)
     auto = auto_patch_chunk(torch.device("cpu"), opts.tiles, opts.tile, opts.tile)
     chunks = [auto if c.strip() == "auto" else int(c) for c in opts.chunks.split(",")]
     settings = [(layout, chunk) for layout in opts.layouts.split(",") for chunk in chunks]

@@ -95,15 +95,10 @@ def student_plan(args: argparse.Namespace, micro_batch: int) -> BNPlan:
     return BNPlan(args.batch_size // args.reference_gpus, micro_batch)
 
 
-def one_tile_call(strategy: Strategy, args: argparse.Namespace) -> bool:
-    """--tile_calls batch (Puzzle-CAM's default): every tile of the batch in one call, ordered by quadrant."""
-    return (args.tile_calls or strategy.tile_calls) == "batch"
-
-
-def tile_plan(strategy: Strategy, args: argparse.Namespace, num_tiles: int) -> BNPlan:
+def tile_plan(args: argparse.Namespace, num_tiles: int) -> BNPlan:
     """--tile_calls task: one call of 4 tiles per task. batch: one call holding every tile, ordered by
     quadrant (the caller reorders the tiles so)."""
-    call = num_tiles if one_tile_call(strategy, args) else 4
+    call = num_tiles if args.tile_calls == "batch" else 4
     # --patch_bn_update off: the student's tile calls leave the running statistics to its batch calls
     update = args.patch_bn_update == "reference" or args.patch_network == "teacher"
     return BNPlan.for_calls(call, args.reference_gpus, update)
@@ -134,9 +129,9 @@ def patch_features(network: nn.Module, tiles: torch.Tensor, plan: BNPlan, chunk:
 def tile_maps_of_tasks(ctx: StepContext, images: torch.Tensor, image_index: torch.Tensor,
                        cuts: torch.Tensor) -> torch.Tensor:
     """The patch network's class maps of every task's four tiles, task-major (4N, C, h/2, w/2)."""
-    args, strategy = ctx.args, ctx.strategy
+    args = ctx.args
     tiles = split_at_keypoints(images, image_index, cuts)
-    one_call = one_tile_call(strategy, args)
+    one_call = args.tile_calls == "batch"  # parse_args resolves the flag to the strategy's when not given
     if one_call:  # Puzzle-CAM's one call is ordered by quadrant: all top-left tiles first, ...
         tiles = tiles.unflatten(0, (-1, 4)).transpose(0, 1).flatten(0, 1)
     # the same memory layout as the images, so that DDP's gradient buckets keep their layout
@@ -148,7 +143,7 @@ def tile_maps_of_tasks(ctx: StepContext, images: torch.Tensor, image_index: torc
         chunk = auto_patch_chunk(tiles.device, tiles.shape[0], *tiles.shape[-2:],
                                  2 if ctx.autocast["enabled"] else tiles.element_size())
     with torch.autocast(**ctx.autocast):
-        maps = patch_features(network, tiles, tile_plan(strategy, args, tiles.shape[0]), chunk, use_teacher)
+        maps = patch_features(network, tiles, tile_plan(args, tiles.shape[0]), chunk, use_teacher)
     if one_call:
         maps = maps.unflatten(0, (4, -1)).transpose(0, 1).flatten(0, 1)
     return maps.float()

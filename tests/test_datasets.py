@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tool_calls import call
 
 from tools import coco
 from tools.check_dataset import main as check_main
@@ -244,12 +245,7 @@ def test_dataset_flag_must_match_the_layout(tiny_voc, tiny_coco, tiny_list, tmp_
 
 # ----------------------------------------------------------------------------- check_dataset
 def run_check(argv, capsys) -> tuple[int, list[str], list[str]]:
-    code = 0
-    try:
-        check_main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
+    code, out, err = call(check_main, argv, capsys)
     return code, out.strip().splitlines(), [line for line in err.splitlines() if line.startswith("error:")]
 
 
