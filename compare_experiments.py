@@ -1,12 +1,18 @@
-"""Compare training runs side by side from their histories (OUTPUT_DIR/data/<tag>.json).
+"""Compare groups of training runs (one group per strategy, its seeds together) from OUTPUT_DIR/data.
 
-    python compare_experiments.py [--dir experiments] [--format markdown|csv] [--plot out.png]
+    python compare_experiments.py [--dir experiments] [--baseline puzzle [none ...]] [--format markdown|csv]
+                                  [--plot out.png] [--filter TEXT] [--runs]
 
-One row per run: its script and strategy, key flags, best validation mAP and its epoch, the last
-mAP, mAP_voc at the best epoch, iterations done, wall time and the first 12 hex digits of the best
-checkpoint's SHA-256 as the run recorded it (`sha256sum models/<tag>_best.pth` tells whether a file
-is that one). --plot draws val mAP against epoch for every run; it needs matplotlib, an optional
-extra that requirements.txt leaves out on purpose (pip install matplotlib).
+A group is named by its strategy (none, puzzle, max, cmax, ctopk, ctopk_w). Per group: the number of
+runs and, as mean ± std over them, the best val mAP and, at each run's best validation, mAP_voc, CF1,
+OF1, the pointing game and the group's own keypoint hit rate. Against each --baseline group: ΔmAP with a
+95% interval from the paired bootstrap over validation images (tools/bootstrap.py; the same resampled
+images for both groups, each group's seeds averaged) and the share of resamples above 0. The bootstrap
+reads the per-image scores each run saved at its best validation (data/<tag>_val_scores.npz); a run
+without them (an older run) is left out of it, with a note. A group whose runs differ in anything but
+the seed is refused, naming the flags. --runs prints one row per run instead (tag, flags, best mAP,
+iterations, wall time, best checkpoint's SHA-256). --plot draws the groups' bars with their intervals
+(or, with --runs, val mAP against epoch per run); it needs matplotlib, an optional extra.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import sys
 from pathlib import Path
 
 from core.config import OneLineParser
+from core.groups import compare_groups
 from tools.errors import UserError, run_cli
 
 FLAG_COLUMNS = ("architecture", "alpha_re", "alpha_p", "image_size", "batch_size")
@@ -33,8 +40,15 @@ MARKDOWN_HEADERS = ("tag", "script / strategy", *FLAG_COLUMNS, *RESULT_COLUMNS, 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dir", default="experiments", help="the runs' output folder (holding data/)")
+    p.add_argument("--baseline", nargs="+", default=[], metavar="GROUP",
+                   help="groups to compare every other group against (e.g. puzzle none)")
+    p.add_argument("--filter", default=None, metavar="TEXT", help="only the runs whose tag contains TEXT")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the validation images")
+    p.add_argument("--bootstrap_seed", type=int, default=0)
+    p.add_argument("--runs", action="store_true", help="one row per run instead of one per group")
     p.add_argument("--format", default="markdown", choices=["markdown", "csv"])
-    p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw val mAP vs epoch (needs matplotlib)")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw the groups' bars with their intervals "
+                   "(with --runs: val mAP vs epoch); needs matplotlib")
     return p
 
 
@@ -42,7 +56,7 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def read_histories(folder: Path) -> list[dict]:
+def read_histories(folder: Path, contains: str | None = None) -> list[dict]:
     """Every run history under folder/data, sorted by tag; evaluation outputs and unreadable files skipped."""
     data = folder / "data"
     if not data.is_dir():
@@ -50,6 +64,8 @@ def read_histories(folder: Path) -> list[dict]:
     histories = []
     for path in sorted(data.glob("*.json")):
         if "_eval_" in path.name:  # evaluate_classification.py results, not run histories
+            continue
+        if contains is not None and contains not in path.stem:
             continue
         try:
             history = json.loads(path.read_text())
@@ -62,7 +78,8 @@ def read_histories(folder: Path) -> list[dict]:
         history["config"].setdefault("tag", path.stem)
         histories.append(history)
     if not histories:
-        raise UserError(f"no run histories in {data}; train a run with --output_dir {folder} first")
+        which = f" whose tag contains {contains!r}" if contains is not None else ""
+        raise UserError(f"no run histories{which} in {data}; train a run with --output_dir {folder} first")
     return sorted(histories, key=lambda h: str(h["config"]["tag"]))
 
 
@@ -171,15 +188,23 @@ def plot_curves(plt, histories: list[dict], out: Path) -> None:
         plt.close(fig)
 
 
-def compare(args: argparse.Namespace) -> list[dict]:
-    plt = import_pyplot() if args.plot else None  # fail before any output when matplotlib is missing
-    histories = read_histories(Path(args.dir))
+def compare_runs(args: argparse.Namespace, histories: list[dict], plt) -> list[dict]:
     rows = [summarize(h) for h in histories]
     print(format_markdown(rows) if args.format == "markdown" else format_csv(rows))
     if plt is not None:
         plot_curves(plt, histories, Path(args.plot))
         print(f"wrote {args.plot}", file=sys.stderr)  # stderr: keeps stdout a clean table/CSV
     return rows
+
+
+def compare(args: argparse.Namespace) -> list[dict]:
+    if args.resamples < 100:
+        raise UserError(f"--resamples must be at least 100 for a 95% interval, got {args.resamples}")
+    plt = import_pyplot() if args.plot else None  # fail before any output when matplotlib is missing
+    histories = read_histories(Path(args.dir), args.filter)
+    if args.runs:
+        return compare_runs(args, histories, plt)
+    return compare_groups(args, histories, plt)
 
 
 def main(argv: list[str] | None = None) -> None:

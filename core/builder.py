@@ -10,6 +10,7 @@ import torchvision.models as tvm
 
 from core.batchnorm import to_grouped_batchnorm
 from core.csi import CSIHead
+from tools.demo_backbone import demo_backbone_state
 from tools.errors import UserError
 
 # name -> (constructor, ImageNet weights, channels of layer4)
@@ -54,11 +55,20 @@ def set_output_stride_16(resnet: tvm.ResNet) -> None:
         first.downsample[0].stride = (1, 1)
 
 
+def demo_architecture_message(architecture: str) -> str:
+    return (f"--pretrained demo is a resnet18 and cannot initialise --architecture {architecture}; pass "
+            "--architecture resnet18, or --pretrained imagenet, none or PATH")
+
+
 def load_backbone_weights(resnet: tvm.ResNet, architecture: str, pretrained: str) -> None:
     """Load ImageNet weights through torchvision's weights API, or a local state dict file."""
     if pretrained == "none":
         return
-    if pretrained == "imagenet":
+    if pretrained == "demo":  # the demo's stand-in for ImageNet, pretrained once on a generated pretext set
+        if architecture != "resnet18":
+            raise UserError(demo_architecture_message(architecture))
+        state = demo_backbone_state()
+    elif pretrained == "imagenet":
         weights = ARCHITECTURES[architecture][1]
         try:
             state = weights.get_state_dict(progress=False)
@@ -71,7 +81,8 @@ def load_backbone_weights(resnet: tvm.ResNet, architecture: str, pretrained: str
     else:
         path = Path(pretrained)
         if not path.is_file():
-            raise UserError(f"--pretrained {pretrained}: no such file; use imagenet, none or a path to a state dict")
+            raise UserError(f"--pretrained {pretrained}: no such file; use imagenet, demo, none or a path to a "
+                            "state dict")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -7,26 +7,23 @@ from collections.abc import Callable
 
 import torch
 
-from core.builder import ARCHITECTURES, BN_MODES, HEADS
+from core.builder import ARCHITECTURES, BN_MODES, HEADS, demo_architecture_message
 from core.strategies import STRATEGIES
 from tools.augment import AUGMENT_CHOICES
 from tools.datasets import DATASET_KINDS, DEFAULT_SPLITS
 from tools.demo_formats import DEMO_FORMATS
 from tools.errors import UserError
 
-# A CPU-sized recipe for --demo: random-init resnet18 at 112 px on the generated demo set, 3 epochs
-# (111 iterations, about 2 minutes on 2 cores), the reference's groups and poly schedule with SGD momentum
-# 0.9 and lr 0.05. From random weights the reference's effective momentum 1e-4 learns too slowly for a
-# few-minute run (cTopk-w at 128 px: 32% val mAP after 2 epochs against 52-61% with 0.9); with momentum
-# 0.9, lr 0.1 left cMax (it diverged) and the plain classifier near chance in 3-epoch runs (21.6%, 25.9%)
-# and lr 0.01 learned too slowly (cTopk-w 28%). Method, head and BatchNorm grouping are the scripts' own;
-# a script may change this recipe (its DEFAULTS' "demo_recipe", listed in the README). alpha_re ramps
-# over the whole (short) run, about as many iterations as the reference's 5% of 4,950; min_distance 5 at
-# 112-128 px is the reference's 20 at 512 px.
+# --demo: each script's own recipe scaled down to a CPU. Kept from the script (its DEFAULTS): head, tile calls,
+# BatchNorm grouping (--reference_gpus 4), loss weights and their schedule; kept from the reference: SGD lr 0.1
+# with its effective momentum 1e-4, the four parameter groups and the poly schedule. Changed, and only these:
+# the architecture (resnet18 from the demo backbone, tools/demo_backbone.py, the demo's stand-in for ImageNet),
+# the image size (112 px crops of 96-160 px resizes; min_distance 5 is the reference's 20 px at 512 scaled
+# to 112), the batch size (16), the epochs (3) and the data (the generated demo set). A script may still change
+# this recipe (its DEFAULTS' "demo_recipe"); none does today.
 DEMO_DEFAULTS = dict(
-    architecture="resnet18", mode="normal", pretrained="none", image_size=112, min_image_size=96,
-    max_image_size=160, batch_size=16, max_epoch=3, lr=0.05, momentum=0.9, alpha_schedule_re=1.0, num_workers=1,
-    min_distance=5,
+    architecture="resnet18", pretrained="demo", image_size=112, min_image_size=96, max_image_size=160,
+    batch_size=16, max_epoch=3, num_workers=1, min_distance=5,
     train_split="main:train", val_split="main:val", print_ratio=0.25,
 )
 
@@ -121,7 +118,8 @@ def _network_flags(a: Callable) -> None:
     a("--reference_gpus", type=int, default=4,
       help="BatchNorm statistics grouped as the reference's calls over N DataParallel GPUs (4: the published "
       "run; 1: one GPU)")
-    a("--pretrained", default="imagenet", help="imagenet | none | PATH to a torchvision ResNet state dict")
+    a("--pretrained", default="imagenet", help="imagenet | demo (resnet18 pretrained once on a generated pretext "
+      "set, tools/demo_backbone.py; --demo's default) | none (random init) | PATH to a torchvision ResNet state dict")
 
 
 def _recipe_flags(a: Callable) -> None:
@@ -231,6 +229,8 @@ def validate_args(args: argparse.Namespace) -> None:
     """Reject flag values that make no sense, each with one line saying why."""
     checks = [
         (args.data_dir is None and not args.demo, "--data_dir is required (or pass --demo for the generated set)"),
+        (args.pretrained == "demo" and args.architecture != "resnet18",
+         demo_architecture_message(args.architecture)),
         (args.batch_size < 1, f"--batch_size must be at least 1, got {args.batch_size}"),
         (args.max_epoch < 1, f"--max_epoch must be at least 1, got {args.max_epoch}"),
         (args.max_iterations is not None and args.max_iterations < 1, "--max_iterations must be at least 1"),

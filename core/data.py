@@ -86,6 +86,7 @@ class RunData:
     loader: DataLoader
     class_names: tuple[str, ...] = VOC_CLASSES
     notes: list[str] = field(default_factory=list)  # facts for the log (e.g. COCO images left out)
+    val_names: list[str] = field(default_factory=list)  # per validation image: its id (VOC) or file name
 
 
 def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
@@ -115,4 +116,4 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0)
     return RunData(root, train_set, val_set, val_split.labels, val_split.ignore, val_split.boxes, sampler, loader,
-                   train_split.class_names, train_split.notes + val_split.notes)
+                   train_split.class_names, train_split.notes + val_split.notes, list(val_split.names))

@@ -77,7 +77,8 @@ def evaluate(model: nn.Module, dataset, targets: np.ndarray, ignore: np.ndarray,
     # the reference averaged equal-sized batch means, the same value without its dropped last batch)
     class_loss = F.multilabel_soft_margin_loss(torch.from_numpy(scores).double(), torch.from_numpy(targets).double())
     result = {"mAP": m_ref, "mAP_voc": m_voc, **multilabel_metrics(probabilities, targets, ignore),
-              "eval_class_loss": float(class_loss), "ap": ap_ref.tolist(), "ap_voc": ap_voc.tolist(), "num_images": n}
+              "eval_class_loss": float(class_loss), "ap": ap_ref.tolist(), "ap_voc": ap_voc.tolist(), "num_images": n,
+              "scores": scores}
     if tally is not None:
         result["localisation"] = flat_summary(tally)
     return result

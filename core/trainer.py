@@ -28,7 +28,7 @@ from tools.checkpoint import load_checkpoint_and_hash, plain_values, restore_sta
 from tools.errors import UserError, run_cli, user_message
 from tools.images import BadImageError
 from tools.metrics import chance_map
-from tools.run_files import History, Logger, RunFiles
+from tools.run_files import History, Logger, RunFiles, save_val_scores
 
 
 def main(defaults: dict) -> None:
@@ -220,6 +220,10 @@ class Run:
             log_val_cams(self.writer, self.iteration, ctx.bare_student, data.val_set, runtime.device)
         if improved:
             self.save("best")
+            if runtime.is_main:  # the per-image evidence behind the best mAP (compare_experiments.py's bootstrap)
+                save_val_scores(self.files.val_scores, data.val_names, result["scores"], data.val_targets,
+                                data.val_ignore, iteration=self.iteration, mAP=record["mAP"],
+                                mAP_voc=record["mAP_voc"])
         self.save("last")
 
     # ------------------------------------------------------------------------- the loop
@@ -291,6 +295,8 @@ def train(args: argparse.Namespace) -> dict:
     run.loop(chance)
     close_writer(run.writer)
     if runtime.is_main:
+        run.history.extra["finished_iteration"] = run.iteration  # run_experiments.py: this command's run is complete
+        write_json(run.history.as_dict(), files.history)
         run.log(f"# done: best val mAP {run.best_map:.2f}; checkpoints in {files.checkpoint('best').parent}")
     if runtime.distributed:
         dist.barrier()

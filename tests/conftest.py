@@ -35,3 +35,27 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+TINY_BACKBONE = {"train_images": 64, "test_images": 32, "epochs": 1, "batch_size": 32}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_demo_backbone(tmp_path_factory):
+    """`--pretrained demo` (the --demo default) in every test, in-process or in a subprocess, loads a tiny demo
+    backbone prebuilt into a private cache, instead of pretraining the real one (minutes) in ~/.cache/oass."""
+    from tools import demo_backbone
+
+    cache = tmp_path_factory.mktemp("oass_cache")
+    before = os.environ.get("OASS_CACHE")
+    os.environ["OASS_CACHE"] = str(cache)
+    saved_recipe = dict(demo_backbone.RECIPE)
+    demo_backbone.RECIPE.update(TINY_BACKBONE)
+    demo_backbone.demo_backbone_state(log=lambda line: None)
+    yield cache
+    demo_backbone.RECIPE.clear()
+    demo_backbone.RECIPE.update(saved_recipe)
+    if before is None:
+        os.environ.pop("OASS_CACHE", None)
+    else:
+        os.environ["OASS_CACHE"] = before

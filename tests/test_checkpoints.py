@@ -302,5 +302,5 @@ def test_tools_print_and_store_the_checkpoint_hash_and_config(base, tmp_path, ca
     assert saved["checkpoint_sha256"] == sha256(best) and saved["config"] == config
     assert [entry["image"] for entry in saved["images"]] == [str(image)]
 
-    code, out, err = call(compare_experiments.main, ["--dir", base.exp], capsys)
+    code, out, err = call(compare_experiments.main, ["--dir", base.exp, "--runs"], capsys)
     assert code == 0 and out.splitlines()[2].endswith(f"| {sha256(best)[:12]} |"), err

@@ -158,16 +158,22 @@ def test_dataset_mismatch_and_bad_demo_flags(tiny_voc, tmp_path, monkeypatch, ca
 
 
 def test_a_script_changes_the_demo_recipe_only_under_demo():
+    """A script's "demo_recipe" (none ships one today) changes --demo's values and nothing else; the shared demo
+    keeps the script's own method and the reference's optimiser (README: the miniature experiment)."""
     import train_classification_with_puzzle_max as max_script
 
-    recipe = max_script.DEFAULTS["demo_recipe"]
-    demo = vars(parse_args(max_script.DEFAULTS, ["--demo"]))
-    assert recipe and all(demo[name] == value for name, value in recipe.items())
-    real = parse_args(max_script.DEFAULTS, ["--data_dir", "unused"])  # the reference's values without --demo
-    assert (real.tile_calls, real.reference_gpus, real.lr) == ("task", 4, 0.1)
-    assert parse_args(max_script.DEFAULTS, ["--demo", "--tile_calls", "task"]).tile_calls == "task"  # flags win
-    other = parse_args(oass_script.DEFAULTS, ["--demo"])  # another script's demo keeps the shared recipe
-    assert (other.tile_calls, other.reference_gpus) == ("task", 4)
+    recipe = {"head": "gap", "tile_calls": "batch", "lr": 0.01}
+    defaults = {**max_script.DEFAULTS, "demo_recipe": recipe}
+    demo = vars(parse_args(defaults, ["--demo"]))
+    assert all(demo[name] == value for name, value in recipe.items())
+    real = parse_args(defaults, ["--data_dir", "unused"])  # the reference's values without --demo
+    assert (real.head, real.tile_calls, real.reference_gpus, real.lr) == ("csi", "task", 4, 0.1)
+    assert parse_args(defaults, ["--demo", "--tile_calls", "task"]).tile_calls == "task"  # flags win
+    own = parse_args(max_script.DEFAULTS, ["--demo"])  # the shipped script: its own recipe, scaled down
+    assert (own.head, own.tile_calls, own.reference_gpus, own.lr, own.momentum, own.alpha_schedule_re) == \
+        ("csi", "task", 4, 0.1, 1e-4, 0.05)
+    assert (own.architecture, own.pretrained, own.image_size, own.batch_size, own.max_epoch) == \
+        ("resnet18", "demo", 112, 16, 3)
 
 
 # ----------------------------------------------------------------------------- a bad image mid-run

@@ -230,7 +230,7 @@ def runs_dir(run) -> Path:
 
 
 def test_compare_rows_in_markdown_and_csv(run, runs_dir, capsys):
-    code, out, err = call(compare_experiments.main, ["--dir", runs_dir], capsys)
+    code, out, err = call(compare_experiments.main, ["--dir", runs_dir, "--runs"], capsys)
     assert code == 0 and err.count("warning") == 1 and "broken.json" in err
     lines = out.strip().splitlines()
     assert len(lines) == 4 and lines[0].startswith("| tag |")
@@ -239,7 +239,7 @@ def test_compare_rows_in_markdown_and_csv(run, runs_dir, capsys):
     assert f"| 3/{run.history['total_iterations']} |" in lines[3]
     assert lines[2].startswith("| other |") and "| 99.00 | 1.5 |" in lines[2]
 
-    code, out, _ = call(compare_experiments.main, ["--dir", runs_dir, "--format", "csv"], capsys)
+    code, out, _ = call(compare_experiments.main, ["--dir", runs_dir, "--runs", "--format", "csv"], capsys)
     rows = {r["tag"]: r for r in csv.DictReader(out.strip().splitlines())}
     assert code == 0 and set(rows) == {"tiny", "other"}
     tiny = rows["tiny"]
@@ -251,7 +251,8 @@ def test_compare_rows_in_markdown_and_csv(run, runs_dir, capsys):
 
 def test_compare_plot(runs_dir, capsys, tmp_path):
     pytest.importorskip("matplotlib")
-    code, _, err = call(compare_experiments.main, ["--dir", runs_dir, "--plot", tmp_path / "curves.png"], capsys)
+    code, _, err = call(compare_experiments.main, ["--dir", runs_dir, "--runs", "--plot", tmp_path / "curves.png"],
+                        capsys)
     assert code == 0, err
     assert png_size(tmp_path / "curves.png")[1] > 100
 
@@ -355,7 +356,7 @@ def test_every_bad_input_is_one_line_and_exit_2(run, capsys):
 
 def test_plot_without_matplotlib_is_one_line(runs_dir, capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    code, out, err = call(compare_experiments.main, ["--dir", runs_dir, "--plot", tmp_path / "p.png"], capsys)
+    code, out, err = call(compare_experiments.main, ["--dir", runs_dir, "--runs", "--plot", tmp_path / "p.png"], capsys)
     assert one_error_line(code, err) == "error: --plot needs matplotlib (pip install matplotlib)" and not out
 
 

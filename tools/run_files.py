@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from tools.errors import UserError
@@ -28,8 +29,14 @@ class RunFiles:
     def checkpoint(self, which: str) -> Path:
         return self.root / "models" / f"{self.tag}_{which}.pth"
 
+    @property
+    def val_scores(self) -> Path:
+        """The best validation's per-image scores (save_val_scores)."""
+        return self.root / "data" / f"{self.tag}_val_scores.npz"
+
     def existing(self) -> list[Path]:
-        return [p for p in (self.log, self.history, self.checkpoint("last"), self.checkpoint("best")) if p.exists()]
+        paths = (self.log, self.history, self.checkpoint("last"), self.checkpoint("best"), self.val_scores)
+        return [p for p in paths if p.exists()]
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Refuse to clobber a run silently, and fail early on an unwritable folder."""
@@ -52,6 +59,18 @@ class RunFiles:
         if overwrite:
             for path in found:
                 path.unlink()
+
+
+def save_val_scores(path: Path, image_ids: list[str], scores: np.ndarray, labels: np.ndarray, ignore: np.ndarray,
+                    **facts: float) -> None:
+    """The per-image evidence behind a validation's mAP, for paired comparisons between runs: image ids,
+    scores (N, C) as the model gave them, labels (N, C) and mAP_voc's ignore mask (N, C); `facts` (the
+    iteration, the logged mAPs) are stored beside them. Written to a temp file and renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, image_ids=np.asarray(image_ids, dtype=str), scores=np.asarray(scores, np.float32),
+             labels=np.asarray(labels, np.uint8), ignore=np.asarray(ignore, bool),
+             **{k: np.asarray(v) for k, v in facts.items()})
+    os.replace(tmp, path)
 
 
 class Logger:

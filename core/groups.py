@@ -1,0 +1,255 @@
+"""Groups of runs (a strategy's seeds) for compare_experiments.py: their summaries and paired bootstraps."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from core.localisation import KEYPOINT_STRATEGIES
+from core.recipe import flag_defaults, legacy_config, recipe_changes
+from tools.bootstrap import BootstrapResult, paired_bootstrap, resample_indices, run_maps
+from tools.errors import UserError
+from tools.metrics import mean_average_precision
+
+GROUP_ORDER = ("none", "puzzle", "max", "cmax", "ctopk", "ctopk_w")  # baselines first, then the OASS strategies
+METRICS = ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game", "hit_rate", "hit_rate_first")
+HEADERS = {"mAP": "best mAP", "mAP_voc": "mAP_voc", "CF1": "CF1", "OF1": "OF1", "pointing_game": "pointing game",
+           "hit_rate": "hit rate", "hit_rate_first": "hit rate (1st val)"}
+
+
+@dataclass
+class RunScores:
+    """A run's saved best-validation scores (data/<tag>_val_scores.npz)."""
+
+    image_ids: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class Group:
+    name: str
+    histories: list[dict]
+    metrics: list[dict] = field(default_factory=list)  # per run, at its best validation
+    scores: list[RunScores] = field(default_factory=list)  # the runs that saved them
+    resampled: list[np.ndarray] = field(default_factory=list)  # per run in `scores`: mAP on each resample
+
+    @property
+    def seeds(self) -> list[int]:
+        return [h["config"].get("seed") for h in self.histories]
+
+
+def _number(value: object) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok else math.nan
+
+
+def run_metrics(history: dict) -> dict:
+    """The run's best validation (first of equal maxima, like the trainer) and its own keypoint hit rate there
+    and at the first validation (NaN for strategies without keypoints or runs without boxes)."""
+    validation = [r for r in history.get("validation") or [] if isinstance(r, dict) and not math.isnan(
+        _number(r.get("mAP")))]
+    if not validation:
+        return {key: math.nan for key in METRICS}
+    best = max(validation, key=lambda r: r["mAP"])
+    strategy = history["config"].get("strategy")
+    hit = f"hit_rate_{strategy}" if strategy in KEYPOINT_STRATEGIES else None
+    out = {key: _number(best.get(key)) for key in ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game")}
+    out["hit_rate"] = _number(best.get(hit)) if hit else math.nan
+    out["hit_rate_first"] = _number(validation[0].get(hit)) if hit else math.nan
+    return out
+
+
+def make_groups(histories: list[dict]) -> list[Group]:
+    """One group per strategy, in GROUP_ORDER (others after, by name); a group mixing recipes is refused."""
+    by_name: dict[str, list[dict]] = {}
+    for history in histories:
+        by_name.setdefault(str(history["config"].get("strategy")), []).append(history)
+    order = sorted(by_name, key=lambda n: (GROUP_ORDER.index(n) if n in GROUP_ORDER else len(GROUP_ORDER), n))
+    groups = [Group(name, by_name[name]) for name in order]
+    for group in groups:
+        check_one_recipe(group)
+        group.metrics = [run_metrics(h) for h in group.histories]
+    return groups
+
+
+def check_one_recipe(group: Group) -> None:
+    """Refuse a group whose runs differ in anything but the seed (or the flags that never change a result)."""
+    first = legacy_config(group.histories[0]["config"])
+    defaults = flag_defaults(bool(first.get("demo")))
+    for history in group.histories[1:]:
+        other = legacy_config(history["config"])
+        changes = [c for c in recipe_changes(other, first, defaults) if c[0] != "seed"]
+        if changes:
+            flags = ", ".join(f"--{name} ({old} vs {new})" for name, new, old in changes)
+            raise UserError(f"group {group.name} mixes recipes: runs {first.get('tag')} and {other.get('tag')} differ "
+                            f"in {flags}; compare one recipe at a time (--filter TEXT keeps the tags containing TEXT, "
+                            "or use separate --output_dir folders)")
+
+
+def load_scores(folder: Path, group: Group, notes: list[str]) -> None:
+    """The group's saved per-image scores; a run without them (or with an unreadable file) is noted and skipped."""
+    for history in group.histories:
+        tag = history["config"]["tag"]
+        path = folder / "data" / f"{tag}_val_scores.npz"
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                group.scores.append(RunScores(saved["image_ids"], saved["scores"].astype(np.float64),
+                                              saved["labels"].astype(np.float64)))
+        except FileNotFoundError:
+            notes.append(f"{tag}: no per-image scores ({path.name}; runs before they were saved), left out of the "
+                         "bootstrap")
+        except (OSError, ValueError, KeyError) as exc:
+            notes.append(f"{tag}: {path.name} is not readable ({type(exc).__name__}), left out of the bootstrap")
+
+
+def bootstrap_all(groups: list[Group], baselines: list[str], resamples: int, seed: int,
+                  notes: list[str]) -> dict[tuple[str, str], BootstrapResult]:
+    """{(group, baseline): result} for every group against every baseline, on one set of resampled images."""
+    scored = [s for g in groups for s in g.scores]
+    if not scored:
+        return {}
+    reference = scored[0]
+    if any(s.image_ids.shape != reference.image_ids.shape or (s.image_ids != reference.image_ids).any()
+           or (s.labels != reference.labels).any() for s in scored):
+        notes.append("the runs were validated on different images or labels: no bootstrap")
+        return {}
+    indices = resample_indices(len(reference.image_ids), resamples, seed)
+    for group in groups:
+        group.resampled = [run_maps(s.scores, s.labels, indices) for s in group.scores]
+    full = {g.name: [mean_average_precision(s.scores, s.labels)[0] for s in g.scores] for g in groups}
+    results = {}
+    for base in baselines:
+        baseline = next(g for g in groups if g.name == base)
+        for group in groups:
+            if group is baseline or not group.scores or not baseline.scores:
+                continue
+            results[(group.name, base)] = paired_bootstrap(full[group.name], group.resampled, full[base],
+                                                           baseline.resampled)
+    return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def group_rows(groups: list[Group], baselines: list[str], results: dict) -> list[dict]:
+    rows = []
+    for group in groups:
+        row = {"group": group.name, "runs": len(group.histories), "seeds": " ".join(map(str, group.seeds)),
+               "scored_runs": len(group.scores)}
+        for key in METRICS:
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([m[key] for m in group.metrics])
+        for base in baselines:
+            result = results.get((group.name, base))
+            row[f"delta_vs_{base}"] = result.delta if result else math.nan
+            row[f"ci_low_vs_{base}"] = result.low if result else math.nan
+            row[f"ci_high_vs_{base}"] = result.high if result else math.nan
+            row[f"share_above_0_vs_{base}"] = result.share_above_zero if result else math.nan
+        rows.append(row)
+    return rows
+
+
+def format_group_markdown(rows: list[dict], baselines: list[str]) -> str:
+    headers = ["group", "runs", *(HEADERS[k] for k in METRICS)]
+    headers += [h for b in baselines for h in (f"ΔmAP vs {b} [95% CI]", f"P(Δ>0) vs {b}")]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        cells = [row["group"], str(row["runs"])] + [_pm(row[f"{k}_mean"], row[f"{k}_std"]) for k in METRICS]
+        for base in baselines:
+            delta = row[f"delta_vs_{base}"]
+            if math.isnan(delta):
+                cells += ["-", "-"]
+            else:
+                cells += [f"{delta:+.2f} [{row[f'ci_low_vs_{base}']:+.2f}, {row[f'ci_high_vs_{base}']:+.2f}]",
+                          f"{row[f'share_above_0_vs_{base}']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_group_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                     for row in rows)
+    return out.getvalue().rstrip("\n")
+
+
+def plot_groups(plt, rows: list[dict], baselines: list[str], out: Path) -> None:
+    """Left: each group's mean best mAP with ± std over seeds. Right: ΔmAP against the first baseline with its
+    95% bootstrap interval."""
+    panels = 2 if baselines else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels + 1, 4), squeeze=False)
+    names = [r["group"] for r in rows]
+    means = [r["mAP_mean"] for r in rows]
+    stds = [0.0 if math.isnan(r["mAP_std"]) else r["mAP_std"] for r in rows]
+    ax = axes[0][0]
+    ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+    ax.set_ylabel("best val mAP (%), mean ± std over seeds")
+    ax.set_ylim(min(means) - 3 * max(stds + [1.0]), max(means) + 3 * max(stds + [1.0]))
+    ax.grid(axis="y", alpha=0.3)
+    if baselines:
+        base = baselines[0]
+        kept = [r for r in rows if not math.isnan(r[f"delta_vs_{base}"])]
+        deltas = [r[f"delta_vs_{base}"] for r in kept]
+        errors = [[d - r[f"ci_low_vs_{base}"] for d, r in zip(deltas, kept)],
+                  [r[f"ci_high_vs_{base}"] - d for d, r in zip(deltas, kept)]]
+        ax = axes[0][1]
+        ax.bar([r["group"] for r in kept], deltas, yerr=errors, capsize=4,
+               color=["tab:green" if d > 0 else "tab:red" for d in deltas], alpha=0.8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"ΔmAP vs {base} (points), 95% paired bootstrap")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[0]:
+        ax.tick_params(axis="x", rotation=30)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120, bbox_inches="tight")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--plot {out}: cannot write it ({exc})") from None
+    finally:
+        plt.close(fig)
+
+
+def compare_groups(args: argparse.Namespace, histories: list[dict], plt) -> list[dict]:
+    groups = make_groups(histories)
+    names = [g.name for g in groups]
+    unknown = [b for b in args.baseline if b not in names]
+    if unknown:
+        raise UserError(f"--baseline {unknown[0]} names no group here; the groups are: {', '.join(names)}")
+    notes: list[str] = []
+    if args.baseline:
+        for group in groups:
+            load_scores(Path(args.dir), group, notes)
+    results = bootstrap_all(groups, args.baseline, args.resamples, args.bootstrap_seed, notes)
+    rows = group_rows(groups, args.baseline, results)
+    if args.format == "markdown":
+        print(format_group_markdown(rows, args.baseline))
+        if results:
+            images = next(len(g.scores[0].image_ids) for g in groups if g.scores)
+            print(f"\nΔ: paired bootstrap over the {images} validation images ({args.resamples} resamples, seed "
+                  f"{args.bootstrap_seed}), each group's seeds averaged; ± is the std over seeds.")
+    else:
+        print(format_group_csv(rows))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if plt is not None:
+        plot_groups(plt, rows, args.baseline, Path(args.plot))
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return rows
