@@ -6,9 +6,9 @@
   the per-class IoU table there. The threshold is selected on the same images it is scored on,
   as the weakly-supervised segmentation literature does (Puzzle-CAM's evaluate.py included).
 * Pointing game: the fraction of (image, positive class) pairs whose CAM maximum lies in a box
-  of that class. Keypoint hit rate: for each OASS strategy (Max, cMax, cTopk, cTopk-w), the
-  fraction of its keypoints (the training loop's build_tasks on these CAMs) inside a box of their
-  class (any of the image's classes for Max), and their mean distance to the nearest such box.
+  of that class. Keypoint hit rate: for each OASS strategy (Max, cMax, cTopk, cTopk-w, and every
+  plug-in strategy), the fraction of its keypoints (the training loop's build_tasks on these CAMs)
+  inside a box of their class (any of the image's classes for Max), and their mean distance to the nearest such box.
 
     python evaluate_cams.py --tag T [--checkpoint best|last|PATH] [--teacher] [--split val] [--cam_dir DIR]
         [--thresholds 0.05:0.60:0.05] [--save_pseudo_labels DIR] [--k K --min_distance D]
@@ -39,7 +39,7 @@ from core.inspection import (
     resolve_checkpoint,
     safe_name,
 )
-from core.localisation import DISPLAY_NAMES, KEYPOINT_STRATEGIES, POINTING_GAME, score_localisation
+from core.localisation import POINTING_GAME, display_names, keypoint_strategies, score_localisation
 from tools.cam_files import cam_file, ids_sha256, load_cams, provenance_mismatch, read_metadata
 from tools.cam_metrics import (
     NUM_SEG_CLASSES,
@@ -264,9 +264,10 @@ def format_report(result: dict) -> str:
     lines.append(f"{'class':<12} {'IoU':>7}")
     lines += [f"{row['class']:<12} {cell(row['IoU']):>7}" for row in result["classes"]]
     lines.append(f"{'points':<14} {'hit rate':>8} {'distance px':>11} {'count':>6}")
-    for name in (POINTING_GAME, *KEYPOINT_STRATEGIES):
+    names = display_names()
+    for name in (POINTING_GAME, *keypoint_strategies()):
         row = result["localisation"].get(name, {"hit_rate": float("nan"), "count": 0})
-        lines.append(f"{DISPLAY_NAMES[name]:<14} {cell(row['hit_rate']):>8} {cell(row.get('distance'), 1):>11} "
+        lines.append(f"{names[name]:<14} {cell(row['hit_rate']):>8} {cell(row.get('distance'), 1):>11} "
                      f"{row['count']:>6}")
     lines.append("hit rate: % of points inside a box of their class (Max: of any of the image's classes); distance: "
                  "mean pixel distance to the nearest such box (0 inside); pointing game: the CAM's maximum")

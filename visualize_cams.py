@@ -2,9 +2,10 @@
 
 One PNG per image. Top row: the network input (un-normalised; the zero padding shows as the ImageNet
 mean grey), then per positive class (ground truth when known, else sigmoid > 0.5, at least the
-top-1) its CAM upsampled to the input, with markers for the Max, cMax, cTopk, cTopk-w keypoints,
-the cTopk peaks and the Puzzle-CAM centre. Bottom row: the four tiles that the run's strategy
-(cTopk-w for runs without a keypoint strategy) cuts for the first class.
+top-1) its CAM upsampled to the input, with markers for the Max, cMax, cTopk, cTopk-w keypoints
+(and every plug-in strategy with a marker), the cTopk peaks and the Puzzle-CAM centre. Bottom row:
+the four tiles that the run's strategy (cTopk-w for runs without a keypoint strategy) cuts for the
+first class.
 
     python visualize_cams.py --tag T [--checkpoint best|last|PATH] [--split val --num 8 | --images a.jpg b.jpg]
         [--out DIR] [--k 5 --min_distance 20]
@@ -44,17 +45,18 @@ from tools.errors import UserError, run_cli
 from tools.images import load_rgb_image
 from tools.voc import VOC_CLASSES
 
-# strategy -> (legend label, cv2 marker, RGB colour); drawn in this order
-MARKERS = {
-    "puzzle": ("centre", cv2.MARKER_TRIANGLE_UP, (200, 200, 200)),
-    "max": ("Max", cv2.MARKER_CROSS, (255, 255, 255)),
-    "cmax": ("cMax", cv2.MARKER_TILTED_CROSS, (255, 0, 255)),
-    "ctopk": ("cTopk", cv2.MARKER_SQUARE, (0, 255, 255)),
-    "ctopk_w": ("cTopk-w", cv2.MARKER_DIAMOND, (0, 255, 0)),
-}
+
+def _markers() -> dict[str, tuple[str, int, tuple[int, int, int]]]:
+    """strategy -> (legend label, cv2 marker, RGB colour), from the registry, drawn in this order."""
+    return {name: (s.marker.label, getattr(cv2, f"MARKER_{s.marker.shape.upper()}"), s.marker.colour)
+            for name, s in STRATEGIES.items() if s.marker is not None}
+
+
+MARKERS = _markers()
 PEAK_COLOUR = (255, 255, 0)
 TILE_NAMES = ("TL", "TR", "BL", "BR")
-SPLIT_STRATEGIES = ("max", "cmax", "ctopk", "ctopk_w")  # the ones that cut somewhere else than the centre
+# the ones that cut somewhere else than the centre
+SPLIT_STRATEGIES = tuple(name for name, s in STRATEGIES.items() if s.cuts_at_keypoint)
 MIN_PANEL = 256  # small inputs are enlarged (nearest) to at least this many pixels for legible markers
 TITLE_H, LEGEND_H = 22, 26
 FONT = cv2.FONT_HERSHEY_SIMPLEX

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=None, help="overrides every config's")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--mode", default="normal", help="BatchNorm mode: normal | fix")
-    a("--strategies", default=",".join(STRATEGIES), help="comma-separated subset of " + ",".join(STRATEGIES))
+    # default: the built-in strategies, whose scripts (loss weights) STRATEGY_SCRIPTS knows
+    a("--strategies", default=",".join(STRATEGY_SCRIPTS), help="comma-separated subset of " + ",".join(STRATEGIES))
     a("--per_task_loop", default="on", choices=["on", "off"], help="time the per-task loop beside ctopk_w")
     a("--amp", default="off", help="comma-separated: off | bf16 | fp16 (each a variant)")
     a("--channels_last", default="auto", help="comma-separated: auto (the trainer's choice) | on | off")
@@ -130,7 +131,9 @@ def config_flags(name: str, opts: argparse.Namespace) -> list[str]:
 def trainer_args(strategy: str, flags: list[str], opts: argparse.Namespace, variant: Variant,
                  extra: list[str]) -> argparse.Namespace:
     """The strategy's training config: its script's defaults + the demo recipe + the config (+ pass-through)."""
-    defaults = dict(importlib.import_module(STRATEGY_SCRIPTS[strategy]).DEFAULTS)
+    # a plug-in strategy (strategies/) trains with the OASS scripts' loss weights
+    script = STRATEGY_SCRIPTS.get(strategy, STRATEGY_SCRIPTS["ctopk_w"])
+    defaults = dict(importlib.import_module(script).DEFAULTS)
     argv = ["--demo", "--strategy", strategy, "--device", opts.device, "--mode", opts.mode, "--amp", variant.amp,
             "--patch_chunk", variant.patch_chunk, "--seed", str(opts.seed), "--num_workers", "0", *flags, *extra]
     args = parse_args(defaults, argv)

@@ -110,7 +110,8 @@ def _data_flags(a: Callable) -> None:
 
 def _network_flags(a: Callable) -> None:
     """Backbone, BatchNorm, head, initial weights."""
-    a("--architecture", default="resnet50", choices=sorted(ARCHITECTURES))
+    a("--architecture", default="resnet50", choices=sorted(ARCHITECTURES),
+      help="torchvision ResNet at output stride 16 (resnet18/34: BasicBlock, 512 channels, for CPU runs)")
     a("--mode", default="normal", choices=BN_MODES,
       help="BatchNorm: normal (the reference), fix = frozen statistics with trainable affine (ablation)")
     a("--head", default="gap", choices=HEADS,
@@ -125,28 +126,32 @@ def _network_flags(a: Callable) -> None:
 def _recipe_flags(a: Callable) -> None:
     """Optimiser, schedule, sizes, augmentation, logging, seed, device."""
     a("--batch_size", type=int, default=32, help="images per optimizer step, over all GPUs/processes together")
-    a("--max_epoch", type=int, default=15)
+    a("--max_epoch", type=int, default=15, help="epochs; the poly schedule spans them")
     a("--max_iterations", type=int, default=None, help="stop after N iterations, then evaluate and save")
-    a("--lr", type=float, default=0.1)
-    a("--wd", type=float, default=1e-4)
+    a("--lr", type=float, default=0.1, help="base lr of the parameter groups: ResNet weights x1 (with weight "
+      "decay), ResNet biases x2, the other weights (class-map conv, CSI head) x10 (with weight decay), biases x20")
+    a("--wd", type=float, default=1e-4, help="weight decay")
     a("--momentum", type=float, default=1e-4, help="SGD momentum; 1e-4 is the reference's effective value")
-    a("--nesterov", type=str2bool, default=True)
-    a("--image_size", type=int, default=512)
-    a("--min_image_size", type=int, default=320)
-    a("--max_image_size", type=int, default=640)
-    a("--warmup_epoch", type=int, default=0, help="the reference's step warm-up of the lr (0: off)")
+    a("--nesterov", type=str2bool, default=True, help="Nesterov momentum (true or false)")
+    a("--image_size", type=int, default=512, help="training crop and validation pad size (a multiple of 16)")
+    a("--min_image_size", type=int, default=320, help="random long side before the crop: at least this")
+    a("--max_image_size", type=int, default=640, help="random long side before the crop: at most this")
+    a("--warmup_epoch", type=int, default=0, help="the reference's step warm-up of the lr (0: off): lr x (step // E "
+      "+ 1) / warmup_epoch while step < (warmup_epoch - 1) E, E = --warmup_epoch_iterations")
     a("--warmup_epoch_iterations", type=int, default=661,
       help="iterations per warm-up epoch; 661 is hard-coded in the reference (train_aug at batch 16)")
     a("--augment", default="", choices=list(AUGMENT_CHOICES),
       help="extra training augmentation of the reference: colorjitter, randaugment or both")
     a("--print_ratio", type=float, default=0.1, help="log every print_ratio of an epoch")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="seed of the weights and of every sample's augmentation")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
 def _oass_flags(a: Callable, defaults: dict) -> None:
     """Strategy, loss weights, keypoints, teacher, tiles."""
-    a("--strategy", default=defaults.get("strategy", "none"), choices=sorted(STRATEGIES))
+    a("--strategy", default=defaults.get("strategy", "none"), choices=sorted(STRATEGIES),
+      help="the auxiliary task (default: the script's): " + "; ".join(
+          f"{s.name} = {s.summary}" for s in STRATEGIES.values()))
     a("--alpha_re", type=float, default=0.0, help="weight of the re-construction loss (after warm-up)")
     a("--alpha_schedule_re", type=float, default=0.5,
       help="fraction of training over which alpha_re ramps up (0: constant alpha_re)")
@@ -177,12 +182,14 @@ def _oass_flags(a: Callable, defaults: dict) -> None:
 
 def _run_flags(a: Callable) -> None:
     """Speed, evaluation and outputs."""
-    a("--amp", default="off", choices=["off", "bf16", "fp16"])
+    a("--amp", default="off", choices=["off", "bf16", "fp16"],
+      help="autocast: bf16 on CPU or GPU, fp16 on CUDA only (with a GradScaler saved in the checkpoint)")
     a("--accum_steps", type=int, default=1, help="micro-batches per optimizer step (batch_size is the total)")
     # evaluation and outputs
-    a("--eval_batch_size", type=int, default=None)
-    a("--tag", default=None, help="name of the run's logs and checkpoints")
-    a("--output_dir", default="experiments")
+    a("--eval_batch_size", type=int, default=None, help="validation batch (default: --batch_size)")
+    a("--tag", default=None, help="name of the run's logs and checkpoints (default: <architecture>@<strategy>, "
+      "demo@<strategy> under --demo)")
+    a("--output_dir", default="experiments", help="folder of logs/, data/, models/ and tensorboard/")
     a("--save_every", type=int, default=0, help="also save the last checkpoint every N iterations (0: per epoch)")
     a("--resume", action="store_true", help="continue the run of --tag from <tag>_last.pth")
     a("--overwrite", action="store_true", help="start --tag over, replacing its outputs")

@@ -7,9 +7,13 @@ on any device with no per-map Python loop and no numpy round trip. Keypoints are
 
 The three ``*_cuts`` functions return int64 (N, 2) cut positions, every
 coordinate in [1, size - 1] so that no quadrant of the puzzle split is empty.
-``keypoint_rule="reference"`` reproduces the official OASS scripts to the pixel
-(docs/method.md section 3): integer means, the 128-px filter of cTopk with its
-y/x slip, cTopk-w's per-term truncation, and "a coordinate of 0 -> centre".
+``keypoint_rule="reference"`` reproduces the official OASS scripts' rules to the
+pixel on a given map (docs/method.md section 3): integer means, the 128-px filter
+of cTopk with its y/x slip, cTopk-w's per-term truncation, and "a coordinate of
+0 -> centre". The maps themselves come from ``upsample_maps`` (torch bilinear),
+which agrees with the scripts' cv2.resize INTER_LINEAR to one float32 ulp, not
+bit for bit: where two pixels tie within that ulp (plateaus), a keypoint can
+move (docs/fidelity.md).
 ``"clean"`` is our variant: float (weighted) means floored once, no distance
 filter, clamped into [1, size - 1]. The centre is (H // 2, W // 2).
 
@@ -102,7 +106,11 @@ def _unravel(flat_index: Tensor, width: int) -> Tensor:
 
 
 def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinearly resize (N, h, w) maps to (N, H, W), align_corners=False like the reference."""
+    """Bilinearly resize (N, h, w) maps to (N, H, W), align_corners=False like the reference.
+
+    The reference's cv2.resize INTER_LINEAR computes the same formula; the results differ by up to one
+    float32 ulp of the maps' scale (tests/test_keypoints.py), which can break near-ties differently.
+    """
     maps = _check_maps(maps)
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
         raise ValueError(f"size must be two positive integers (H, W), got {size!r}")

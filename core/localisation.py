@@ -16,9 +16,26 @@ from core.strategies import STRATEGIES, build_tasks, task_pairs
 from tools.cam_metrics import HitTally, argmax_points, score_points
 
 POINTING_GAME = "pointing_game"
-KEYPOINT_STRATEGIES = ("max", "cmax", "ctopk", "ctopk_w")  # the strategies that cut at a CAM keypoint
-DISPLAY_NAMES = {POINTING_GAME: "pointing game", "max": "Max", "cmax": "cMax", "ctopk": "cTopk",
-                 "ctopk_w": "cTopk-w"}
+
+
+def keypoint_strategies() -> tuple[str, ...]:
+    """The registered strategies that cut at a CAM keypoint, in registration order (plug-ins last)."""
+    return tuple(name for name, strategy in STRATEGIES.items() if strategy.cuts_at_keypoint)
+
+
+def display_names() -> dict[str, str]:
+    """Row names of the pointing game and of every keypoint strategy, for logs and tables."""
+    return {POINTING_GAME: "pointing game", **{name: STRATEGIES[name].title for name in keypoint_strategies()}}
+
+
+def __getattr__(name: str) -> object:
+    # KEYPOINT_STRATEGIES / DISPLAY_NAMES are read from the registry when asked for, not frozen at import,
+    # so a strategy registered after this module was imported still counts.
+    if name == "KEYPOINT_STRATEGIES":
+        return keypoint_strategies()
+    if name == "DISPLAY_NAMES":
+        return display_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def class_boxes(boxes: np.ndarray, classes: Sequence[int]) -> np.ndarray:
@@ -66,7 +83,7 @@ def keypoint_scores(strategy: str, cams: torch.Tensor, labels: torch.Tensor, lab
 def score_localisation(tally: HitTally, cams: torch.Tensor, labels: torch.Tensor, boxes: Sequence[np.ndarray],
                        image_size: tuple[int, int], k: int, min_distance: int,
                        keypoint_rule: str = "reference") -> None:
-    """Add a batch to `tally`: the pointing game and the keypoint of every strategy in KEYPOINT_STRATEGIES.
+    """Add a batch to `tally`: the pointing game and the keypoint of every strategy of keypoint_strategies().
 
     cams (B, C, h, w): the normalised CAMs (any resolution; upsampled to image_size like in training);
     labels (B, C) 0/1 on the CAMs' device; boxes[b] (M, 5) rows (channel, xmin, ymin, xmax, ymax) in
@@ -74,7 +91,7 @@ def score_localisation(tally: HitTally, cams: torch.Tensor, labels: torch.Tensor
     """
     labels_cpu = labels.detach().cpu()
     tally.add(POINTING_GAME, pointing_hits(cams, labels_cpu, boxes, image_size))
-    for strategy in KEYPOINT_STRATEGIES:
+    for strategy in keypoint_strategies():
         tally.add(strategy, *keypoint_scores(strategy, cams, labels, labels_cpu, boxes, image_size, k, min_distance,
                                              keypoint_rule))
 
@@ -83,7 +100,7 @@ def flat_summary(tally: HitTally) -> dict[str, float]:
     """{pointing_game, hit_rate_<strategy>, box_distance_<strategy>}: flat keys for histories and scalars."""
     summary = tally.summary()
     out = {POINTING_GAME: summary.get(POINTING_GAME, {}).get("hit_rate", float("nan"))}
-    for strategy in KEYPOINT_STRATEGIES:
+    for strategy in keypoint_strategies():
         row = summary.get(strategy, {})
         out[f"hit_rate_{strategy}"] = row.get("hit_rate", float("nan"))
         out[f"box_distance_{strategy}"] = row.get("distance", float("nan"))
@@ -93,6 +110,7 @@ def flat_summary(tally: HitTally) -> dict[str, float]:
 def format_summary(summary: dict[str, float]) -> str:
     """One log-line fragment: pointing game and per-strategy hit rate (mean distance to the box)."""
     parts = [f"pointing {summary[POINTING_GAME]:.1f}%"]
-    parts += [f"{DISPLAY_NAMES[s]} {summary[f'hit_rate_{s}']:.1f}% ({summary[f'box_distance_{s}']:.1f}px)"
-              for s in KEYPOINT_STRATEGIES]
+    names = display_names()
+    parts += [f"{names[s]} {summary[f'hit_rate_{s}']:.1f}% ({summary[f'box_distance_{s}']:.1f}px)"
+              for s in keypoint_strategies()]
     return "hits: " + " ".join(parts)

@@ -3,15 +3,49 @@
 A task is (image, keypoint, target). Image-level strategies make one task per image with all its
 labels as target; channel-wise ones (the Class-Specific Instances) make one task per
 (image, positive class) with a one-hot target.
+
+A strategy is one registered `Strategy` object: its keypoint function, how its tasks are formed, its
+display name and its marker in visualize_cams.py. The built-in ones are registered below. A plug-in
+strategy is one file in the repo's `strategies/` folder that calls `register_strategy` when imported;
+every such file is imported at the end of this module, so training (`--strategy` choices), the hit
+rates (core/localisation.py), visualize_cams.py and the tools that read a run's strategy from its
+checkpoint all see it without any edit here (docs/extending.md).
 """
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from core.keypoints import argmax_cuts, topk_mean_cuts, topk_weighted_cuts, upsample_maps
+
+
+@dataclass(frozen=True)
+class KeypointContext:
+    """What a keypoint function may read besides the maps: the run's keypoint flags."""
+
+    k: int  # --k
+    min_distance: int  # --min_distance
+    keypoint_rule: str  # --keypoint_rule: reference | clean
+    radius: int  # cTopk's distance filter in input pixels (128 at 512 px)
+
+
+# (N, H, W) float maps upsampled to the input size -> (N, 2) long (y, x) cuts, each in [1, size - 1]
+KeypointFunction = Callable[[Tensor, KeypointContext], Tensor]
+
+
+@dataclass(frozen=True)
+class Marker:
+    """How visualize_cams.py draws a strategy's keypoint."""
+
+    label: str  # legend text
+    shape: str  # a cv2 marker without its prefix: cross, tilted_cross, star, diamond, square, triangle_up/down
+    colour: tuple[int, int, int]  # RGB
 
 
 @dataclass(frozen=True)
@@ -20,27 +54,79 @@ class Strategy:
     summary: str
     puzzle: bool  # whether there is an auxiliary task at all
     per_class: bool  # one task per (image, positive class) with a one-hot target
-    keypoints: str  # centre | argmax | peaks | weighted_peaks
+    # The cut of each task from its map upsampled to the input (per class, or merged over the image's
+    # classes on the h x w grid for an image-level strategy); None = the image centre (Puzzle-CAM).
+    keypoints: KeypointFunction | None
     patch_network: str  # default network for the tiles: student | teacher
     # How the tiles meet the patch network (--tile_calls): "batch" = all tiles of a batch in one call,
     # ordered by quadrant (Puzzle-CAM); "task" = one call of 4 tiles per task (the OASS scripts). It
     # decides the BatchNorm grouping of the tiles (core/batchnorm.py).
     tile_calls: str = "task"
+    display_name: str = ""  # in logs and tables (default: the name)
+    marker: Marker | None = None  # None: not drawn by visualize_cams.py
+    module: str = __name__  # the module that registered it: a plug-in's file, for error messages
+
+    @property
+    def title(self) -> str:
+        return self.display_name or self.name
+
+    @property
+    def cuts_at_keypoint(self) -> bool:
+        """Whether its cut depends on the CAM: it then has a hit rate and a tile split worth drawing."""
+        return self.puzzle and self.keypoints is not None
 
 
-STRATEGIES = {
-    s.name: s
-    for s in (
-        Strategy("none", "plain classification (class loss only)", False, False, "centre", "student"),
-        Strategy("puzzle", "Puzzle-CAM: centre cut, student tiles, all labels", True, False, "centre", "student",
-                 tile_calls="batch"),
-        Strategy("max", "argmax of the merged CAM, student tiles, all labels", True, False, "argmax", "student"),
-        Strategy("cmax", "argmax of each class's CAM, EMA-teacher tiles, one-hot", True, True, "argmax", "teacher"),
-        Strategy("ctopk", "mean of each class's top-k CAM peaks, EMA teacher, one-hot", True, True, "peaks", "teacher"),
-        Strategy("ctopk_w", "CAM-weighted mean of the top-k peaks, EMA teacher, one-hot", True, True,
-                 "weighted_peaks", "teacher"),
-    )
-}
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    """Add `strategy` to STRATEGIES (registration order is the order of logs and figures).
+
+    Registering the same name again from the same module replaces it (a re-imported plug-in); a name
+    taken by another module is refused, so a plug-in cannot silently shadow a built-in strategy.
+    """
+    if not strategy.name or not strategy.name.replace("_", "").isalnum():
+        raise ValueError(f"a strategy name must be letters, digits and _, got {strategy.name!r}")
+    if strategy.puzzle and strategy.patch_network not in ("student", "teacher"):
+        raise ValueError(f"strategy {strategy.name}: patch_network must be student or teacher")
+    if strategy.tile_calls not in ("task", "batch"):
+        raise ValueError(f"strategy {strategy.name}: tile_calls must be task or batch")
+    known = STRATEGIES.get(strategy.name)
+    if known is not None and known.module != strategy.module:
+        raise ValueError(f"strategy {strategy.name!r} of {strategy.module} is already registered by {known.module}")
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+# ----------------------------------------------------------------------------- the built-in strategies
+def argmax_keypoints(maps: Tensor, ctx: KeypointContext) -> Tensor:
+    return argmax_cuts(maps, ctx.keypoint_rule)
+
+
+def topk_mean_keypoints(maps: Tensor, ctx: KeypointContext) -> Tensor:
+    return topk_mean_cuts(maps, ctx.k, ctx.min_distance, ctx.keypoint_rule, ctx.radius)
+
+
+def topk_weighted_keypoints(maps: Tensor, ctx: KeypointContext) -> Tensor:
+    return topk_weighted_cuts(maps, ctx.k, ctx.min_distance, ctx.keypoint_rule)
+
+
+for _builtin in (
+    Strategy("none", "plain classification (class loss only)", False, False, None, "student",
+             display_name="plain"),
+    Strategy("puzzle", "Puzzle-CAM: centre cut, student tiles, all labels", True, False, None, "student",
+             tile_calls="batch", display_name="Puzzle-CAM", marker=Marker("centre", "triangle_up", (200, 200, 200))),
+    Strategy("max", "argmax of the merged CAM, student tiles, all labels", True, False, argmax_keypoints, "student",
+             display_name="Max", marker=Marker("Max", "cross", (255, 255, 255))),
+    Strategy("cmax", "argmax of each class's CAM, EMA-teacher tiles, one-hot", True, True, argmax_keypoints,
+             "teacher", display_name="cMax", marker=Marker("cMax", "tilted_cross", (255, 0, 255))),
+    Strategy("ctopk", "mean of each class's top-k CAM peaks, EMA teacher, one-hot", True, True,
+             topk_mean_keypoints, "teacher", display_name="cTopk", marker=Marker("cTopk", "square", (0, 255, 255))),
+    Strategy("ctopk_w", "CAM-weighted mean of the top-k peaks, EMA teacher, one-hot", True, True,
+             topk_weighted_keypoints, "teacher", display_name="cTopk-w",
+             marker=Marker("cTopk-w", "diamond", (0, 255, 0))),
+):
+    register_strategy(_builtin)
 
 
 @dataclass
@@ -78,7 +164,7 @@ def build_tasks(strategy: Strategy, cams: torch.Tensor, labels: torch.Tensor, la
     else:
         targets = labels
     height, width = image_size
-    if strategy.keypoints == "centre":
+    if strategy.keypoints is None:
         centre = torch.empty((len(image_index), 2), dtype=torch.long, device=device)
         centre[:, 0], centre[:, 1] = height // 2, width // 2  # filled on the device: no copy, no sync
         return Tasks(image_index, centre, targets)
@@ -87,10 +173,24 @@ def build_tasks(strategy: Strategy, cams: torch.Tensor, labels: torch.Tensor, la
     else:  # Max: merge on the h x w grid (max over the positive classes), then one upsample
         maps = (cams * labels[:, :, None, None]).amax(dim=1)
     maps = upsample_maps(maps.float(), (height, width))
-    if strategy.keypoints == "argmax":
-        keypoints = argmax_cuts(maps, keypoint_rule)
-    elif strategy.keypoints == "peaks":
-        keypoints = topk_mean_cuts(maps, k, min_distance, keypoint_rule, radius)
-    else:
-        keypoints = topk_weighted_cuts(maps, k, min_distance, keypoint_rule)
+    keypoints = strategy.keypoints(maps, KeypointContext(k, min_distance, keypoint_rule, radius))
     return Tasks(image_index, keypoints, targets)
+
+
+# ----------------------------------------------------------------------------- plug-ins
+PLUGIN_FOLDER = Path(__file__).resolve().parents[1] / "strategies"
+
+
+def load_plugins(folder: Path = PLUGIN_FOLDER) -> list[str]:
+    """Import every `strategies/*.py` (not starting with _) as `strategies.<name>`; their imports register them.
+
+    The repo root is on sys.path wherever `core` itself is importable, so the package name resolves to
+    the same module that a plug-in's thin script imports (registering it once).
+    """
+    names = [f"{folder.name}.{path.stem}" for path in sorted(folder.glob("*.py")) if not path.stem.startswith("_")]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
+load_plugins()

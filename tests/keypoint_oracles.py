@@ -118,3 +118,42 @@ def rule_b_clean(cam: np.ndarray, k: int, min_distance: int) -> list[int]:
         weights = np.ones_like(weights)
     mean = (weights[:, None] * peaks).sum(axis=0) / weights.sum()
     return _clamp_into(cam, int(np.floor(mean[0])), int(np.floor(mean[1])))
+
+
+# ----------------------------------------------------------------------------- the reference's own calls
+def cv2_upsample(cam: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The reference's upsampling of an h x w CAM to the input: cv2.resize, bilinear (dsize is (width, height))."""
+    import cv2  # only these oracles need OpenCV's resize
+
+    return cv2.resize(cam, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def reference_task_keypoints(strategy: str, cams: np.ndarray, labels: np.ndarray, size: tuple[int, int], k: int,
+                             min_distance: int, radius: int) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Every task's keypoint as the official scripts compute it (docs/method.md section 3), one call at a time.
+
+    cams (B, C, h, w) float32, labels (B, C) 0/1. Max: one task per image, the CAMs merged (max over
+    the positive classes) on the h x w grid and upsampled once; the channel-wise strategies: one task
+    per (image, positive class) in raster order, each class's CAM upsampled on its own. Upsampling is
+    cv2.resize INTER_LINEAR and the peaks are skimage's peak_local_max, as in the scripts. Returns the
+    keypoints and the upsampled maps they were found on.
+    """
+    rules = {
+        "max": argmax_reference,
+        "cmax": argmax_reference,
+        "ctopk": lambda cam: rule_a_reference(cam, k, min_distance, radius),
+        "ctopk_w": lambda cam: rule_b_reference(cam, k, min_distance),
+    }
+    height, width = size
+    keypoints, maps = [], []
+    for b in range(cams.shape[0]):
+        positives = np.flatnonzero(labels[b])
+        if strategy == "max":
+            per_task = [(cams[b] * labels[b][:, None, None]).max(axis=0)]
+        else:
+            per_task = [cams[b, c] for c in positives]
+        for cam in per_task:
+            up = cv2_upsample(np.ascontiguousarray(cam, dtype=np.float32), height, width)
+            keypoints.append(rules[strategy](up))
+            maps.append(up)
+    return keypoints, maps

@@ -22,7 +22,7 @@ import make_cams
 from core.builder import Classifier
 from core.builder import make_cams as normalised_cams
 from core.evaluation import evaluate
-from core.localisation import score_localisation
+from core.localisation import keypoint_strategies, score_localisation
 from core.runtime import Runtime
 from core.strategies import STRATEGIES, build_tasks
 from tools.augment import EvalTransform, normalize
@@ -235,8 +235,10 @@ def test_validation_reports_the_localisation_of_its_own_forward(made):
                                 if k == c))
     assert result["localisation"]["pointing_game"] == pytest.approx(100 * np.mean(pointing))
     assert result["localisation"]["hit_rate_cmax"] == pytest.approx(100 * np.mean(cmax))
+    # every registered keypoint strategy is scored: the built-in ones and the plug-ins of strategies/
+    assert {"max", "cmax", "ctopk", "ctopk_w"} <= set(keypoint_strategies())
     assert set(result["localisation"]) == {"pointing_game", *(f"{m}_{s}" for m in ("hit_rate", "box_distance")
-                                                              for s in ("max", "cmax", "ctopk", "ctopk_w"))}
+                                                              for s in keypoint_strategies())}
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -13,13 +13,13 @@ from core.strategies import STRATEGIES, build_tasks
 
 def oracle_cut(strategy, cam_map, height, width, k, r, keypoint_rule="reference"):
     """The strategy's cut for one (merged or per-class) h x w map, from the literal per-map rules."""
-    if strategy.keypoints == "centre":
+    if strategy.name == "puzzle":
         return [height // 2, width // 2]
     cam = upsample_maps(cam_map[None], (height, width))[0].numpy()
     reference = keypoint_rule == "reference"
-    if strategy.keypoints == "argmax":
+    if strategy.name in ("max", "cmax"):
         return oracles.argmax_reference(cam) if reference else oracles.argmax_clean(cam)
-    if strategy.keypoints == "peaks":
+    if strategy.name == "ctopk":
         return oracles.rule_a_reference(cam, k, r) if reference else oracles.rule_a_clean(cam, k, r)
     return oracles.rule_b_reference(cam, k, r) if reference else oracles.rule_b_clean(cam, k, r)
 
