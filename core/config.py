@@ -80,6 +80,13 @@ def patch_chunk_value(value: str) -> str | int:
     return number
 
 
+def resume_value(value: str) -> str:
+    """--resume takes no value (True: a checkpoint must exist) or "auto"; a saved config holds True/False."""
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"expected no value or auto, got {value!r}")
+    return value
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints its usage on error; we keep the one-line error and exit code 2."""
 
@@ -186,7 +193,9 @@ def _run_flags(a: Callable) -> None:
     a("--tag", default=None, help="name of the run's logs and checkpoints")
     a("--output_dir", default="experiments")
     a("--save_every", type=int, default=0, help="also save the last checkpoint every N iterations (0: per epoch)")
-    a("--resume", action="store_true", help="continue the run of --tag from <tag>_last.pth")
+    a("--resume", nargs="?", const=True, default=False, type=resume_value, metavar="auto",
+      help="continue the run of --tag from <tag>_last.pth; --resume auto: continue when <tag>_last.pth exists, "
+      "else start fresh (for requeued and restarted jobs, docs/cluster.md)")
     a("--overwrite", action="store_true", help="start --tag over, replacing its outputs")
 
 
