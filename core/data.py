@@ -102,7 +102,9 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     args.num_classes, args.class_names = train_split.num_classes, list(train_split.class_names)
     if args.eval_resize == "auto":  # VOC keeps the reference protocol; COCO's images exceed 448 px
         args.eval_resize = "none" if args.dataset.startswith("voc") else "fit"
-    transform = TrainTransform(args.image_size, args.min_image_size, args.max_image_size, augment=args.augment)
+    # packed: workers crop and pad in uint8, the step normalises on the device (core/step.py, device_images)
+    transform = TrainTransform(args.image_size, args.min_image_size, args.max_image_size, augment=args.augment,
+                               packed=True)
     train_set = dataset_images(train_split, transform, args.skip_bad_images)
     val_set = dataset_images(val_split, EvalTransform(args.image_size, args.eval_resize == "fit"),
                              args.skip_bad_images)
