@@ -183,7 +183,7 @@ class Run:
         else:
             stats = train_step(self.ctx, [(images, labels)], self.step, self.total)
         self.window = self.window + stats[:5]
-        self.step, self.images = self.step + 1, self.images + images.shape[0]
+        self.step, self.images = self.step + 1, self.images + labels.shape[0]  # images: maybe packed uint8
 
     @property
     def tasks_per_image(self) -> float:
