@@ -41,7 +41,7 @@ def main(defaults: dict) -> None:
 # reports a process killed by it (docs/cluster.md). A scheduler may requeue on these; 2 is bad input, never
 # worth a retry.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # USR1: SLURM's --signal=USR1@T warning
-# Test-only fault injection (tests/test_reliability.py): "RANK:ITERATION" makes that rank SIGKILL itself as it
+# Test-only fault injection (tests/test_distributed.py): "RANK:ITERATION" makes that rank SIGKILL itself as it
 # starts that iteration, on torchrun's first attempt only, to exercise --max_restarts with --resume auto.
 KILL_HOOK = "OASS_TEST_KILL_RANK_AT"
 
