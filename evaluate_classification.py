@@ -37,6 +37,7 @@ from core.inspection import (
     open_run_split,
     safe_name,
 )
+from core.runtime import loader_workers
 from tools.augment import EvalTransform
 from tools.datasets import dataset_images
 from tools.errors import UserError, run_cli
@@ -188,7 +189,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     config = run.config
     if args.batch_size is None:  # the run's own batches: identical numbers to its logged evaluation
         args.batch_size = config.get("eval_batch_size") or config.get("batch_size") or 32
-    args.num_workers = config.get("num_workers", 0) if args.num_workers is None else args.num_workers
+    # a run's "auto" is sized for this machine
+    args.num_workers = loader_workers(config.get("num_workers", 0)) if args.num_workers is None else args.num_workers
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch_size must be at least 1 and --num_workers not negative")
     split = open_run_split(config, args.data_dir, args.split)  # refuses a split without annotations (VOC2012 test)

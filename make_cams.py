@@ -39,6 +39,7 @@ from core.inspection import (
     load_run,
     make_folder,
 )
+from core.runtime import loader_workers
 from evaluate_classification import autocast_settings, parse_scales
 from tools.augment import normalize
 from tools.cam_files import (
@@ -189,7 +190,7 @@ def make_split_cams(args: argparse.Namespace) -> Path:
     todo = [i for i, image_id in enumerate(split.ids) if not cam_file(folder, image_id).exists()]
     sizes = image_sizes(root, split.ids)
     batches = same_size_batches(todo, sizes, args.batch_size)
-    workers = run.config.get("num_workers", 0) if args.num_workers is None else args.num_workers
+    workers = loader_workers(run.config.get("num_workers", 0)) if args.num_workers is None else args.num_workers
     loader = DataLoader(ScaledImages(root, split.ids, scales), batch_sampler=batches, num_workers=workers,
                         pin_memory=device.type == "cuda")
     autocast = autocast_settings(args.amp, run.config, device)

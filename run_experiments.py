@@ -86,7 +86,10 @@ def run_state(files: RunFiles, config: dict, script: Path) -> str:
         history = None
     if isinstance(history, dict) and isinstance(history.get("config"), dict):
         saved = history["config"]
-        changes = recipe_changes(saved, config, flag_defaults(bool(saved.get("demo"))))
+        # a flag still None or "auto" here is resolved from the data by the run itself (--dataset, --eval_resize,
+        # the splits), and the run's own --resume check compares it then
+        changes = [(name, old, new) for name, old, new in recipe_changes(saved, config, flag_defaults(
+            bool(saved.get("demo")))) if new not in (None, "auto")]
         if changes or history.get("script", script.name) != script.name:
             described = "; ".join(f"--{name} {old} → {new}" for name, old, new in changes) or "another script"
             raise UserError(f"--tag {files.tag} in {files.root} was trained with another recipe ({described}); "

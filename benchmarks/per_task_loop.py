@@ -24,7 +24,7 @@ from core.batchnorm import BNPlan, bn_plan
 from core.builder import make_cams
 from core.ema import update_teacher
 from core.losses import classification_loss
-from core.step import StepContext, alpha_re_at, lr_factor, student_plan
+from core.step import StepContext, alpha_re_at, device_images, lr_factor, student_plan
 from tools.errors import UserError
 
 
@@ -107,9 +107,7 @@ def per_task_step(ctx: StepContext, images: torch.Tensor, labels_cpu: torch.Tens
     factor = lr_factor(args, iteration, total)
     for group, lr0 in zip(ctx.optimizer.param_groups, ctx.base_lrs):
         group["lr"] = lr0 * factor
-    images = images.to(ctx.device)
-    if ctx.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = device_images(images, ctx.device, ctx.channels_last)  # the loader's uint8 batches, as train_step
     labels = labels_cpu.to(ctx.device)
     with torch.autocast(**ctx.autocast), bn_plan(ctx.bare_student, student_plan(args, images.shape[0])):
         logits, features = ctx.student(images)

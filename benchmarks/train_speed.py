@@ -45,6 +45,7 @@ from core.data import build_data  # noqa: E402
 from core.runtime import Runtime, setup_runtime  # noqa: E402
 from core.step import StepContext, build_step, train_step  # noqa: E402
 from core.strategies import STRATEGIES  # noqa: E402
+from tools.augment import PackedImages  # noqa: E402
 from tools.errors import UserError, run_cli  # noqa: E402
 
 # The script whose DEFAULTS (loss weights) each strategy trains with.
@@ -186,7 +187,7 @@ class Run:
         else:
             stats = train_step(self.ctx, [(images, labels)], self.step, self.total)
         self.window = self.window + stats[:5]
-        self.step, self.images = self.step + 1, self.images + images.shape[0]
+        self.step, self.images = self.step + 1, self.images + labels.shape[0]  # images: maybe packed uint8
 
     @property
     def tasks_per_image(self) -> float:
@@ -319,7 +320,9 @@ def run_config(config: str, names: list[str], variants: list[Variant], opts: arg
         batches, source = demo_batches(opts.iterations, first, runtime)
     else:
         batches, source = random_batches(opts.iterations, first, opts.seed)
-    batches = [(images.to(runtime.device), labels) for images, labels in batches]  # no copy is timed
+    # no copy is timed; the loader's uint8 batches are normalised inside the step, as in training
+    batches = [(type(images)(*(t.to(runtime.device) for t in images)) if isinstance(images, PackedImages)
+                else images.to(runtime.device), labels) for images, labels in batches]
     total = max(opts.warmup, 1) + opts.repeats * (opts.warmup + opts.iterations)
     runs, num_classes = [], batches[0][1].shape[1]  # the head's size from the data, as the trainer
     for variant in variants:

@@ -77,6 +77,24 @@ def patch_chunk_value(value: str) -> str | int:
     return number
 
 
+def resume_value(value: str) -> str:
+    """--resume takes no value (True: a checkpoint must exist) or "auto"; a saved config holds True/False."""
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"expected no value or auto, got {value!r}")
+    return value
+
+
+def num_workers_value(value: str) -> str | int:
+    """--num_workers: "auto" (sized from the CPUs, core/runtime.py) or a number; negatives are refused later,
+    in one line naming the flag."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of worker processes, got {value!r}") from None
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints its usage on error; we keep the one-line error and exit code 2."""
 
@@ -105,7 +123,9 @@ def _data_flags(a: Callable) -> None:
     a("--keep_unlabelled", action="store_true", help="COCO: keep the images without any annotation (the "
       "protocol leaves them out)")
     a("--skip_bad_images", action="store_true", help="skip unreadable images with a warning instead of stopping")
-    a("--num_workers", type=int, default=4)
+    a("--num_workers", type=num_workers_value, default="auto",
+      help="DataLoader worker processes per process; auto: the CPUs this process may use, minus one for itself "
+      "(split between the processes of a torchrun node, at most 8)")
 
 
 def _network_flags(a: Callable) -> None:
@@ -191,7 +211,9 @@ def _run_flags(a: Callable) -> None:
       "demo@<strategy> under --demo)")
     a("--output_dir", default="experiments", help="folder of logs/, data/, models/ and tensorboard/")
     a("--save_every", type=int, default=0, help="also save the last checkpoint every N iterations (0: per epoch)")
-    a("--resume", action="store_true", help="continue the run of --tag from <tag>_last.pth")
+    a("--resume", nargs="?", const=True, default=False, type=resume_value, metavar="auto",
+      help="continue the run of --tag from <tag>_last.pth; --resume auto: continue when <tag>_last.pth exists, "
+      "else start fresh (for requeued and restarted jobs, docs/cluster.md)")
     a("--overwrite", action="store_true", help="start --tag over, replacing its outputs")
 
 
@@ -232,6 +254,17 @@ def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namesp
     return args
 
 
+def reference_gpus_advice(args: argparse.Namespace) -> str:
+    """Why --reference_gpus does not fit --batch_size, and the values that would (divisors of the batch)."""
+    gpus, batch = args.reference_gpus, args.batch_size
+    fits = [d for d in range(1, min(gpus, batch + 1)) if batch % d == 0]
+    if not fits:  # built for every parse; only shown when reference_gpus >= 2 does not divide the batch
+        return ""
+    options = f"--reference_gpus {fits[0]}" + (f" (or {', '.join(map(str, fits[1:]))})" if fits[1:] else "")
+    return (f"--reference_gpus {gpus} must divide --batch_size {batch} (each GPU's share); pass {options}, "
+            f"or a --batch_size that is a multiple of {gpus}")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Reject flag values that make no sense, each with one line saying why."""
     checks = [
@@ -253,15 +286,16 @@ def validate_args(args: argparse.Namespace) -> None:
         (not 0 <= args.alpha_schedule_re <= 1,
          f"--alpha_schedule_re must be in [0, 1] (0: constant), got {args.alpha_schedule_re}"),
         (args.reference_gpus < 1, f"--reference_gpus must be at least 1 (1: one GPU), got {args.reference_gpus}"),
-        (args.reference_gpus >= 1 and args.batch_size % args.reference_gpus,
-         f"--reference_gpus {args.reference_gpus} must divide --batch_size {args.batch_size} (each GPU's share)"),
+        (args.reference_gpus >= 1 and args.batch_size % args.reference_gpus, reference_gpus_advice(args)),
         (args.warmup_epoch < 0, f"--warmup_epoch must not be negative (0: off), got {args.warmup_epoch}"),
         (args.warmup_epoch_iterations < 1, "--warmup_epoch_iterations must be at least 1"),
         (args.k < 1, f"--k must be at least 1, got {args.k}"),
         (args.min_distance < 0, f"--min_distance must not be negative, got {args.min_distance}"),
         (not 0 <= args.alpha_ema < 1, f"--alpha_ema must be in [0, 1), got {args.alpha_ema}"),
         (args.accum_steps < 1, f"--accum_steps must be at least 1, got {args.accum_steps}"),
-        (args.num_workers < 0, "--num_workers must not be negative"),
+        (args.num_workers != "auto" and args.num_workers < 0,
+         f"--num_workers must not be negative (0: load in the main process; auto: from the CPUs), "
+         f"got {args.num_workers}"),
         (not 0 < args.print_ratio <= 1, f"--print_ratio must be in (0, 1], got {args.print_ratio}"),
         (args.save_every < 0, "--save_every must not be negative"),
         (args.eval_batch_size < 1, "--eval_batch_size must be at least 1"),

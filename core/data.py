@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from core.runtime import Runtime
+from core.runtime import Runtime, loader_workers
 from tools.augment import EvalTransform, TrainTransform
 from tools.datasets import dataset_images, default_splits, open_dataset, resolve_dataset
 from tools.demo_formats import default_demo_root, generate_demo
@@ -103,7 +103,9 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     args.num_classes, args.class_names = train_split.num_classes, list(train_split.class_names)
     if args.eval_resize == "auto":  # VOC keeps the reference protocol; COCO's images exceed 448 px
         args.eval_resize = "none" if args.dataset.startswith("voc") else "fit"
-    transform = TrainTransform(args.image_size, args.min_image_size, args.max_image_size, augment=args.augment)
+    # packed: workers crop and pad in uint8, the step normalises on the device (core/step.py, device_images)
+    transform = TrainTransform(args.image_size, args.min_image_size, args.max_image_size, augment=args.augment,
+                               packed=True)
     train_set = dataset_images(train_split, transform, args.skip_bad_images)
     val_set = dataset_images(val_split, EvalTransform(args.image_size, args.eval_resize == "fit"),
                              args.skip_bad_images)
@@ -112,7 +114,7 @@ def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     if sampler.iterations_per_epoch < 1:
         raise UserError(f"split '{args.train_split}' has {len(train_set)} images, fewer than --batch_size "
                         f"{args.batch_size}; lower --batch_size")
-    workers = args.num_workers
+    workers = loader_workers(args.num_workers)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0)
     return RunData(root, train_set, val_set, val_split.labels, val_split.ignore, val_split.boxes, sampler, loader,

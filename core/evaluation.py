@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from core.builder import make_cams
 from core.localisation import flat_summary, score_localisation
-from core.runtime import Runtime
+from core.runtime import Runtime, loader_workers
 from core.tb_logging import log_cam_images
 from tools.cam_metrics import HitTally
 from tools.metrics import THRESHOLD_METRICS, mean_average_precision, multilabel_metrics
@@ -29,7 +29,7 @@ def predict(model: nn.Module, dataset, indices: list[int], args: argparse.Namesp
     also the pointing game and keypoint hits of the same forward's CAMs (None without)."""
     model.eval()
     batches = [indices[i:i + args.eval_batch_size] for i in range(0, len(indices), args.eval_batch_size)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=loader_workers(args.num_workers),
                         pin_memory=runtime.device.type == "cuda")
     scores, tally = [], HitTally() if boxes is not None else None
     for images, labels, used in tqdm(loader, desc=desc, leave=False, disable=not runtime.is_main,

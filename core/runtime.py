@@ -59,6 +59,28 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
     return Runtime(device, rank, world_size, local_rank)
 
 
+# --num_workers auto: at most this many loader processes per training process. Each holds a copy of the
+# dataset and its decoder buffers; past the count that feeds the step, more only cost memory.
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what taskset, SLURM or a container allow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(value: str | int) -> int:
+    """DataLoader workers for --num_workers `value`: a number as given; auto = this process's share of the
+    CPUs (torchrun's LOCAL_WORLD_SIZE processes share the node) minus one for the process itself, capped."""
+    if value != "auto":
+        return int(value)
+    share = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(MAX_AUTO_WORKERS, share - 1))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -21,6 +21,7 @@ from core.losses import classification_loss, puzzle_losses
 from core.puzzle import grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
 from core.runtime import Runtime, unwrap, wrap_for_devices
 from core.strategies import STRATEGIES, Strategy, build_tasks
+from tools.augment import PackedImages, normalize_packed
 
 LOSS_TERMS = ("loss", "class_loss", "p_class_loss", "re_loss")
 
@@ -178,8 +179,19 @@ def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
     return loss, stats
 
 
+def device_images(images: torch.Tensor | PackedImages, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A micro-batch's images on the device, normalised: the loader's uint8 PackedImages are copied as bytes
+    (a quarter of float32's traffic) and normalised there; a float tensor (tests, tools) is only moved."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if isinstance(images, PackedImages):
+        pixels = images.pixels.to(device, non_blocking=True).contiguous(memory_format=layout)
+        return normalize_packed(PackedImages(pixels, images.boxes.to(device, non_blocking=True)))  # keeps the layout
+    return images.to(device, non_blocking=True).contiguous(memory_format=layout)
+
+
 def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int) -> torch.Tensor:
-    """One optimizer step of iteration `iteration` of `total` over its micro-batches [(images, labels)]:
+    """One optimizer step of iteration `iteration` of `total` over its micro-batches [(images, labels)] (images:
+    a float batch or the loader's uint8 PackedImages):
     poly lr and alpha_re, forward/backward of each micro-batch, the step, the EMA teacher update.
     Returns the micro-batch mean of forward_losses' stats, on the device (no sync)."""
     factor = lr_factor(ctx.args, iteration, total)
@@ -189,9 +201,7 @@ def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int
     count = len(micro_batches)
     mean_stats = 0.0
     for micro, (images, labels_cpu) in enumerate(micro_batches):
-        images = images.to(ctx.device, non_blocking=True)
-        if ctx.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = device_images(images, ctx.device, ctx.channels_last)
         labels = labels_cpu.to(ctx.device, non_blocking=True)
         # DDP: all-reduce the gradients only once, after the last micro-batch
         no_sync = ctx.distributed and micro < count - 1

@@ -7,6 +7,7 @@ history, checkpoint paths), core/evaluation.py (validation). This file wires the
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 from pathlib import Path
@@ -36,18 +37,52 @@ def main(defaults: dict) -> None:
     run_cli(lambda: train(parse_args(defaults)))
 
 
-class StopRequest:
-    """SIGINT/SIGTERM ask the loop to save and exit at the end of the current iteration."""
+# Exit codes of a run stopped by a signal after saving <tag>_last.pth: 128 + the signal's number, as a shell
+# reports a process killed by it (docs/cluster.md). A scheduler may requeue on these; 2 is bad input, never
+# worth a retry.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # USR1: SLURM's --signal=USR1@T warning
+# Test-only fault injection (tests/test_distributed.py): "RANK:ITERATION" makes that rank SIGKILL itself as it
+# starts that iteration, on torchrun's first attempt only, to exercise --max_restarts with --resume auto.
+KILL_HOOK = "OASS_TEST_KILL_RANK_AT"
 
-    def __init__(self) -> None:
+
+class StopRequest:
+    """SIGINT/SIGTERM/SIGUSR1 ask the loop to save and exit at the end of the current iteration; the
+    previous handlers come back when the loop ends (in-process callers, tests)."""
+
+    def __init__(self, runtime: Runtime) -> None:
         self.signum = 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        # under torchrun each rank gets the signal on its own, maybe an iteration apart: they agree through
+        # a tiny CPU all-reduce (gloo: no wait on the GPU's queue)
+        self.distributed = runtime.distributed
+        self.group = None
+        if self.distributed and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")
 
     def _handle(self, signum, frame) -> None:
         if self.signum:  # second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
+
+    def agreed(self) -> int:
+        """The signal to stop on now (0: none), the same on every rank."""
+        if not self.distributed:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def fault_hook(rank: int, iteration: int) -> None:
+    """KILL_HOOK's fault: a hard crash of one worker (no save, no cleanup), as an OOM kill or a lost node."""
+    target = os.environ.get(KILL_HOOK)
+    if target and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and target == f"{rank}:{iteration}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def describe_config(args: argparse.Namespace, extra: dict) -> str:
@@ -234,7 +269,7 @@ class Run:
 
     def loop(self, chance: float) -> None:
         args, sampler = self.args, self.data.sampler
-        stop = StopRequest()
+        stop = StopRequest(self.runtime)
         log_every = max(1, int(self.iters_per_epoch * args.print_ratio))
         batches = None
         progress = tqdm(total=self.stop_at, initial=self.iteration, desc=args.tag, disable=not self.runtime.is_main,
@@ -244,6 +279,7 @@ class Run:
             if self.validation_pending():  # resumed after a bad image stopped the last validation
                 self.validate(chance)
             while self.iteration < self.stop_at:
+                fault_hook(self.runtime.rank, self.iteration)
                 if batches is None:
                     sampler.set_epoch(self.iteration // self.iters_per_epoch, self.iteration % self.iters_per_epoch)
                     batches = iter(self.data.loader)
@@ -260,18 +296,41 @@ class Run:
                     self.validate(chance)
                 elif args.save_every and self.iteration % args.save_every == 0:
                     self.save("last")
-                if stop.signum and self.iteration < self.stop_at:
+                signum = stop.agreed() if self.iteration < self.stop_at else 0
+                if signum:
                     self.save("last")
-                    self.log(f"# stopped by signal {stop.signum} at iteration {self.iteration}; saved "
-                             f"{self.files.checkpoint('last')}; continue with --resume")
-                    raise SystemExit(128 + stop.signum)
+                    self.log(f"# stopped by signal {signum} at iteration {self.iteration}; saved "
+                             f"{self.files.checkpoint('last')}; continue with --resume (or --resume auto); "
+                             f"exit code {128 + signum}")
+                    raise SystemExit(128 + signum)
         except BadImageError as exc:
             # a broken image met mid-run: keep the progress, so that --resume after the fix loses nothing
             self.save("last")
             raise BadImageError(f"{user_message(exc)}; saved {self.files.checkpoint('last')}, continue with "
                                 f"--resume once it is fixed") from None
         finally:
+            stop.restore()
             progress.close()  # before any error line, so that the error stays the last line
+
+
+def resolve_resume(args: argparse.Namespace, files: RunFiles) -> str:
+    """--resume auto becomes --resume when <tag>_last.pth exists, else a fresh start (args.resume: a bool
+    again, as configs record it). Returns the log line of a fresh start over earlier outputs ("" otherwise):
+    a run killed before its first save left a log but nothing to continue."""
+    if args.resume != "auto":
+        return ""
+    last, best = files.checkpoint("last"), files.checkpoint("best")
+    args.resume = last.exists()
+    if args.resume:
+        return ""
+    if best.exists():  # a checkpoint without its last: refuse rather than drop or guess
+        raise UserError(f"--resume auto: {best} exists but {last} does not, so there is no state to continue; "
+                        f"pass --overwrite to start --tag {args.tag} over, or choose another --tag")
+    found = files.existing()
+    if not found:
+        return ""
+    return (f"# --resume auto: no checkpoint of --tag {args.tag} to continue (a run stopped before its first "
+            f"save); started over, replacing {', '.join(str(p) for p in found)}")
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -280,8 +339,9 @@ def train(args: argparse.Namespace) -> dict:
     strategy = STRATEGIES[args.strategy]
     data = build_data(args, runtime)  # a wrong path or split is reported before anything is written
     files = RunFiles(Path(args.output_dir), args.tag)
+    start_over = resolve_resume(args, files)
     if runtime.is_main:
-        files.prepare(args.resume, args.overwrite)
+        files.prepare(args.resume, args.overwrite or bool(start_over))
     run = Run(args, runtime, data, files, build_step(args, runtime, len(data.class_names)))
     if args.resume:
         run.restore()
@@ -291,6 +351,8 @@ def train(args: argparse.Namespace) -> dict:
                               "total_iterations": run.total, "dataset": args.dataset,
                               "class_names": list(data.class_names)})
     run.log_header(chance)
+    if start_over:
+        run.log(start_over)
     run.writer = make_writer(files.root / "tensorboard" / args.tag) if runtime.is_main else None  # optional
     run.loop(chance)
     close_writer(run.writer)

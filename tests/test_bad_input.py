@@ -112,3 +112,26 @@ def test_odd_but_valid_input_trains(voc, tmp_path):
     for name in train_ids[:3]:
         img = load_rgb_image(images / f"{name}.jpg")
         assert img.mode == "RGB" and np.asarray(img).std() > 0
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--num_workers", "-1"], "error: --num_workers must not be negative (0: load in the main process; auto: from "
+                              "the CPUs), got -1"),
+    (["--reference_gpus", "4", "--batch_size", "2"], "error: --reference_gpus 4 must divide --batch_size 2 (each "
+     "GPU's share); pass --reference_gpus 1 (or 2), or a --batch_size that is a multiple of 4"),
+    (["--reference_gpus", "4", "--batch_size", "6"], "error: --reference_gpus 4 must divide --batch_size 6 (each "
+     "GPU's share); pass --reference_gpus 1 (or 2, 3), or a --batch_size that is a multiple of 4"),
+    (["--reference_gpus", "3", "--batch_size", "5"], "error: --reference_gpus 3 must divide --batch_size 5 (each "
+     "GPU's share); pass --reference_gpus 1, or a --batch_size that is a multiple of 3"),
+], ids=["negative_workers", "reference_gpus_2", "reference_gpus_6", "reference_gpus_5"])
+def test_bad_flags_say_what_to_do(tiny_voc, tmp_path, capsys, monkeypatch, extra, expected):
+    """In-process (the flags are checked before anything is read or written): one line, exit 2, no output."""
+    import train_classification_with_puzzle_cMax_ema as script
+    from core.trainer import main
+
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--data_dir", str(tiny_voc), *FLAGS, *extra,
+                                      "--output_dir", str(tmp_path / "exp")])
+    with pytest.raises(SystemExit) as exit_info:
+        main(script.DEFAULTS)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip() == expected and not (tmp_path / "exp").exists()

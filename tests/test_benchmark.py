@@ -51,11 +51,10 @@ def test_benchmark_prints_both_strategies_with_ratios(tmp_path):
 
 def test_gpu_check_says_no_cuda_in_one_line_and_exits_2(tmp_path):
     """Where CUDA is missing (this CPU machine), benchmarks/gpu_check.sh runs nothing: one line, exit 2."""
+    import pytest
     import torch
 
     if torch.cuda.is_available():
-        import pytest
-
         pytest.skip("CUDA is here: gpu_check.sh would run the full check")
     out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), sys.executable], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)

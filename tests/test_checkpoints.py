@@ -213,6 +213,47 @@ def test_resume_allows_a_longer_stop_and_other_workers(exp, base, capsys, monkey
     check_hashes(exp)
 
 
+@pytest.mark.parametrize("script, extra, words", [
+    (CTOPK_W, ["--batch_size", "8"], ["--batch_size 4 → 8"]),
+    ("train_classification_with_puzzle_max", [], [f"script {CTOPK_W}.py → train_classification_with_puzzle_max.py"]),
+], ids=["recipe", "script"])
+def test_resume_auto_keeps_the_recipe_guards(exp, base, capsys, monkeypatch, script, extra, words):
+    before = snapshot(exp)
+    code, err = resume(script, exp, base.voc, capsys, monkeypatch, "auto", *extra)
+    line = error_line(code, err)
+    assert all(w in line for w in words) and "pass the saved values" in line, line
+    assert snapshot(exp) == before
+
+
+def test_resume_auto_refuses_a_best_checkpoint_without_its_last(exp, base, capsys, monkeypatch):
+    (exp / "models" / "base_last.pth").unlink()
+    before = snapshot(exp)
+    line = error_line(*resume(CTOPK_W, exp, base.voc, capsys, monkeypatch, "auto", "--max_iterations", "4"))
+    assert "base_best.pth exists but" in line and "--overwrite" in line, line
+    assert snapshot(exp) == before
+
+
+def test_resume_auto_continues_and_free_flags_accept_auto(exp, base, capsys, monkeypatch):
+    code, err = resume(CTOPK_W, exp, base.voc, capsys, monkeypatch, "auto", "--max_iterations", "4",
+                       "--num_workers", "auto")
+    assert code == 0, err[-2000:]
+    assert torch.load(exp / "models" / "base_last.pth", weights_only=True)["iteration"] == 4
+    history = json.loads((exp / "data" / "base.json").read_text())
+    assert history["resumes"][-1]["changed"] == {"num_workers": [0, "auto"], "max_iterations": [3, 4]}
+    assert history["config"]["resume"] is True  # configs keep recording a bool
+
+
+def test_resume_auto_starts_over_when_no_checkpoint_was_saved(exp, base, capsys, monkeypatch):
+    for which in ("best", "last"):
+        (exp / "models" / f"base_{which}.pth").unlink()  # killed before its first save: a log and a history
+    code, err = resume(CTOPK_W, exp, base.voc, capsys, monkeypatch, "auto", "--max_iterations", "1")
+    assert code == 0, err[-2000:]
+    log = (exp / "logs" / "base.txt").read_text()
+    assert "# --resume auto: no checkpoint of --tag base" in log and "started over" in log
+    assert log.startswith("# config") and "resumed from" not in log
+    assert torch.load(exp / "models" / "base_last.pth", weights_only=True)["iteration"] == 1
+
+
 def test_flag_lists_and_missing_flags():
     assert not set(RUN_DEFINING_FLAGS) & set(FREE_FLAGS)
     saved = {"batch_size": 4, "lr": 0.1, "removed_flag": 1}

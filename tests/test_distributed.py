@@ -93,3 +93,32 @@ def test_torchrun_with_uneven_validation_shards(tiny_voc, tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert history(tmp_path, "uneven")["validation"][-1]["num_images"] == 9
+
+
+def test_torchrun_restarts_a_killed_worker_and_resume_auto_is_bitwise_equal(tiny_voc, tmp_path):
+    """--max_restarts 1 with --resume auto: rank 1 is SIGKILLed at iteration 3 (core/trainer.py's test-only
+    OASS_TEST_KILL_RANK_AT hook, first attempt only); torchrun restarts both workers, which continue from
+    <tag>_last.pth and end with the weights of a run that was never interrupted."""
+    flags = [f for f in FLAGS]
+    flags[flags.index("--max_iterations"):flags.index("--max_iterations") + 2] = ["--max_epoch", "2"]  # 4 iterations
+
+    def torchrun(tag: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "--max_restarts=1", SCRIPT, "--data_dir", str(tiny_voc), *flags, "--save_every", "1",
+                               "--resume", "auto", "--output_dir", str(tmp_path), "--tag", tag],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+    straight = torchrun("straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = torchrun("killed", OASS_TEST_KILL_RANK_AT="1:3")
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    log = (tmp_path / "logs" / "killed.txt").read_text()
+    assert "resumed from" in log and log.count("# config") == 1  # the restart continued, it did not start over
+    a, b = (torch.load(tmp_path / "models" / f"{tag}_last.pth", map_location="cpu", weights_only=True)
+            for tag in ("straight", "killed"))
+    assert a["iteration"] == b["iteration"] == 4
+    for part in ("model", "teacher"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+    assert [v["mAP"] for v in a["history"]["validation"]] == [v["mAP"] for v in b["history"]["validation"]]

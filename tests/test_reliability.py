@@ -41,10 +41,27 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
-def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_voc, tmp_path):
+@pytest.fixture(scope="module")
+def straight(tiny_voc, tmp_path_factory) -> dict:
+    """The uninterrupted run's last checkpoint, which every interrupted-and-resumed run must equal bitwise."""
+    out = tmp_path_factory.mktemp("straight")
+    res = run(command(tiny_voc, out, "straight"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    return load(out / "models" / "straight_last.pth")
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a["iteration"] == b["iteration"] == 8
+    for part in ("model", "teacher"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert [v["mAP"] for v in a["history"]["validation"]] == [v["mAP"] for v in b["history"]["validation"]]
+
+
+def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_voc, tmp_path, straight):
     out = tmp_path / "exp"
-    straight = run(command(tiny_voc, out, "straight"))
-    assert straight.returncode == 0, straight.stderr[-2000:]
 
     proc = subprocess.Popen(command(tiny_voc, out, "killed", "--save_every", "1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -57,14 +74,7 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tiny_voc, 
 
     resumed = run(command(tiny_voc, out, "killed", "--save_every", "1", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = load(out / "models" / "straight_last.pth"), load(last)
-    assert a["iteration"] == b["iteration"] == 8
-    for part in ("model", "teacher"):
-        for key, value in a[part].items():
-            assert torch.equal(value, b[part][key]), (part, key)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    assert [v["mAP"] for v in a["history"]["validation"]] == [v["mAP"] for v in b["history"]["validation"]]
+    assert_bitwise_equal(straight, load(last))
     log = (out / "logs" / "killed.txt").read_text()
     assert f"resumed from {last} at iteration {killed_at}" in log
 
@@ -84,6 +94,42 @@ def test_sigterm_saves_says_where_and_exits(tiny_voc, tmp_path):
     log = (out / "logs" / "term.txt").read_text()
     assert f"saved {last}" in log and "--resume" in log
     assert load(last)["iteration"] < 8
+
+
+def test_sigterm_then_the_same_command_with_resume_auto_is_bitwise_equal(tiny_voc, tmp_path, straight):
+    """A requeued job runs its command line unchanged: --resume auto starts fresh, then continues."""
+    out = tmp_path / "exp"
+    cmd = command(tiny_voc, out, "requeued", "--save_every", "1", "--resume", "auto")
+    last = out / "models" / "requeued_last.pth"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(last, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    stopped_at = load(last)["iteration"]
+    assert 1 <= stopped_at < 8
+
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_bitwise_equal(straight, load(last))
+    log = (out / "logs" / "requeued.txt").read_text()
+    assert f"exit code {128 + signal.SIGTERM}" in log and f"resumed from {last} at iteration {stopped_at}" in log
+
+
+def test_sigusr1_saves_and_exits_with_its_own_code(tiny_voc, tmp_path):
+    out = tmp_path / "exp"
+    proc = subprocess.Popen(command(tiny_voc, out, "usr1", "--save_every", "1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    last = out / "models" / "usr1_last.pth"
+    wait_for(last, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 128 + signal.SIGUSR1 == 138 and "Traceback" not in err
+    assert f"stopped by signal {int(signal.SIGUSR1)}" in (out / "logs" / "usr1.txt").read_text()
 
 
 def test_existing_tag_is_refused_then_overwrite_and_resume_work(tiny_voc, tmp_path):

@@ -10,6 +10,8 @@ RandAugmentMC(2, 10) (tools/randaugment.py, which lists where it departs from Fi
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
@@ -71,6 +73,40 @@ def place_on_canvas(pixels: np.ndarray, size: int, rng: np.random.Generator | No
     return torch.from_numpy(canvas)
 
 
+class PackedImages(NamedTuple):
+    """A uint8 sample (or batch, after the DataLoader's collate, which keeps NamedTuples): pixels (3, S, S)
+    on a zero canvas, and the canvas box (top, left, height, width) that holds image pixels. Workers hand
+    these over (a quarter of float32's bytes); normalize_packed() finishes them on the device."""
+
+    pixels: torch.Tensor
+    boxes: torch.Tensor
+
+
+def pack_on_canvas(pixels: np.ndarray, size: int, rng: np.random.Generator | None) -> PackedImages:
+    """place_on_canvas's crop and pad in uint8, the normalisation left for later: the same draws from rng."""
+    height, width = pixels.shape[:2]
+    src_y, dst_y, h = crop_offsets(height, size, rng)
+    src_x, dst_x, w = crop_offsets(width, size, rng)
+    canvas = np.zeros((3, size, size), dtype=np.uint8)
+    canvas[:, dst_y:dst_y + h, dst_x:dst_x + w] = pixels[src_y:src_y + h, src_x:src_x + w].transpose(2, 0, 1)
+    return PackedImages(torch.from_numpy(canvas), torch.tensor([dst_y, dst_x, h, w], dtype=torch.int32))
+
+
+def normalize_packed(packed: PackedImages) -> torch.Tensor:
+    """(B, 3, S, S) float32 from a packed batch, wherever its tensors are (the training device): the same
+    arithmetic as normalize() in float32, and exact zeros outside each image's box, as place_on_canvas pads."""
+    pixels, boxes = packed
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    scale = torch.tensor(1.0 / 255.0, dtype=torch.float32, device=pixels.device)  # np.float32(1 / 255), as normalize()
+    out = pixels.float().mul_(scale).sub_(mean).div_(std)  # in place: one float32 batch allocated
+    rows = torch.arange(pixels.shape[-2], device=pixels.device)
+    cols = torch.arange(pixels.shape[-1], device=pixels.device)
+    top, left, height, width = (boxes[:, i, None] for i in range(4))
+    inside = (((rows >= top) & (rows < top + height))[:, :, None] & ((cols >= left) & (cols < left + width))[:, None])
+    return out.masked_fill_(~inside[:, None], 0.0)
+
+
 def _rgb_pixels(img: Image.Image) -> Image.Image:  # convert() copies even an RGB image
     return img if img.mode == "RGB" else img.convert("RGB")
 
@@ -130,17 +166,22 @@ def photometric_augmentations(augment: str) -> list[ColorJitter | RandAugmentMC]
 
 class TrainTransform:
     """Long side uniform in [min_size, max_size] (bicubic), flip p=0.5, optional colour jitter and
-    RandAugment on the PIL image, normalise, random crop with 0 pad."""
+    RandAugment on the PIL image, normalise, random crop with 0 pad.
 
-    def __init__(self, image_size: int, min_size: int, max_size: int, augment: str = ""):
+    packed=True: the crop and pad in uint8, returned as PackedImages for normalize_packed() on the device
+    (the training loader's form); False: the normalised float32 tensor (the original path, kept for tools,
+    tests and benchmarks/input_pipeline.py). Both consume the generator identically.
+    """
+
+    def __init__(self, image_size: int, min_size: int, max_size: int, augment: str = "", packed: bool = False):
         _check_sizes(image_size=image_size, min_size=min_size, max_size=max_size)
         if min_size > max_size:
             raise UserError(f"the minimum resize size ({min_size}) is larger than the maximum ({max_size})")
         self.image_size, self.min_size, self.max_size = int(image_size), int(min_size), int(max_size)
-        self.augment = augment
+        self.augment, self.packed = augment, packed
         self.augmentations = photometric_augmentations(augment)
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor | PackedImages:
         if rng is None:
             raise ValueError("TrainTransform needs a numpy Generator: give the dataset (index, seed) keys")
         size = random_long_side_size(img.width, img.height, self.min_size, self.max_size, rng)
@@ -150,11 +191,13 @@ class TrainTransform:
         for augmentation in self.augmentations:  # PIL stage: after resize and flip, before normalising
             img = augmentation(img, rng)
         pixels = np.asarray(img)
+        if self.packed:
+            return pack_on_canvas(pixels, self.image_size, rng)
         return place_on_canvas(pixels, self.image_size, rng)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(image_size={self.image_size}, min_size={self.min_size}, "
-                f"max_size={self.max_size}, augment={self.augment!r})")
+                f"max_size={self.max_size}, augment={self.augment!r}" + (", packed=True)" if self.packed else ")"))
 
 
 class EvalTransform:
