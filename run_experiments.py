@@ -4,9 +4,10 @@
 
 Every flag this tool does not know is passed to every run unchanged. Tags are <prefix>@<strategy>@seed<S>
 (the prefix defaults to "demo" with --demo, else "exp"). Rerunning the same command continues where it
-stopped: finished runs are skipped (after checking that they were trained with this recipe), a killed run
-resumes from its last checkpoint, and a run killed before its first checkpoint starts over.
-`--dry_run` prints the command lines instead (for a cluster's job array). compare_experiments.py then
+stopped: finished runs are skipped (after checking that they were trained with this recipe), and every other
+run is started with `--resume auto`, so a killed run resumes from its last checkpoint and one killed before
+its first checkpoint starts over. `--dry_run` prints those command lines instead (for a cluster's job array;
+they are safe to requeue). compare_experiments.py then
 compares the groups.
 """
 from __future__ import annotations
@@ -46,11 +47,10 @@ class PlannedRun:
     seed: int
     tag: str
     argv: list[str]  # the training flags of this run, without --resume / --overwrite
-    state: str  # new | finished | resume | restart
+    state: str  # new | finished | resume (a last checkpoint exists)
 
     def command(self) -> list[str]:
-        extra = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(self.state, [])
-        return [sys.executable, str(self.script), *self.argv, *extra]
+        return [sys.executable, str(self.script), *self.argv, "--resume", "auto"]
 
 
 def script_defaults(path: Path) -> dict:
@@ -77,7 +77,7 @@ def resolve_script(name: str) -> Path:
 
 
 def run_state(files: RunFiles, config: dict, script: Path) -> str:
-    """new, finished, resume (a last checkpoint exists) or restart (outputs without a checkpoint)."""
+    """new (nothing to continue), finished or resume (a last checkpoint exists)."""
     if not files.existing():
         return "new"
     try:
@@ -94,10 +94,11 @@ def run_state(files: RunFiles, config: dict, script: Path) -> str:
             described = "; ".join(f"--{name} {old} → {new}" for name, old, new in changes) or "another script"
             raise UserError(f"--tag {files.tag} in {files.root} was trained with another recipe ({described}); "
                             "pass the same flags as before, or another --prefix or --output_dir")
-        stop = min(history.get("total_iterations") or 0, saved.get("max_iterations") or 10 ** 12)
+        # where this command stops: the schedule's end, or its own --max_iterations (a free flag)
+        stop = min(history.get("total_iterations") or 0, config.get("max_iterations") or 10 ** 12)
         if history.get("finished_iteration", -1) >= stop > 0:
             return "finished"
-    return "resume" if files.checkpoint("last").exists() else "restart"
+    return "resume" if files.checkpoint("last").exists() else "new"
 
 
 def plan(args: argparse.Namespace, passthrough: list[str]) -> list[PlannedRun]:
@@ -146,8 +147,7 @@ def run_all(args: argparse.Namespace, passthrough: list[str]) -> None:
         if run.state == "finished":
             print(f"{head}: finished earlier, skipped; {best_map(output_dir, run.tag)}", flush=True)
             continue
-        word = {"new": "starting", "resume": "resuming from its last checkpoint",
-                "restart": "starting over (killed before its first checkpoint)"}[run.state]
+        word = "resuming from its last checkpoint" if run.state == "resume" else "starting"
         print(f"{head}: {word} (total {time.time() - start:.0f} s so far)", flush=True)
         began = time.time()
         code = subprocess.call(run.command(), cwd=REPO)

@@ -57,7 +57,7 @@ def test_backbone_is_deterministic_and_its_images_are_its_own():
     assert all(torch.equal(first[k], second[k]) for k in first) and card["seed"] == 3
     images, labels = demo_backbone.pretext_set(0, 0, 16)
     again, _ = demo_backbone.pretext_set(0, 8, 8)
-    assert torch.equal(images[8:], again) and labels.max() < len(demo_backbone.PRETEXT_SHAPES)
+    assert torch.equal(images[8:], again) and labels.max() < len(demo_backbone.PRETEXT_CLASSES)
     assert images.shape == (16, 3, demo_backbone.IMAGE_SIZE, demo_backbone.IMAGE_SIZE)
 
 
@@ -121,8 +121,8 @@ def test_run_experiments_runs_resumes_and_skips(experiment):
     dry, done, again = experiment.dry, experiment.done, experiment.again
     assert dry.returncode == 0, dry.stderr
     commands = dry.stdout.strip().splitlines()
-    assert len(commands) == 4 and "--resume" in commands[0] and "--tag t@none@seed0" in commands[0]
-    assert all("--resume" not in c and "--seed 1" in c for c in commands[1::2])
+    assert len(commands) == 4 and all(c.endswith("--resume auto") for c in commands)
+    assert "--tag t@none@seed0" in commands[0] and all("--seed 1" in c for c in commands[1::2])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[1/4] t@none@seed0" in done.stdout and "resuming" in done.stdout and "[4/4] t@ctopk_w@seed1" in done.stdout
     for tag in ("t@none@seed0", "t@none@seed1", "t@ctopk_w@seed0", "t@ctopk_w@seed1"):

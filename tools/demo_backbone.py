@@ -2,11 +2,14 @@
 
 The real recipe fine-tunes an ImageNet backbone; the demo cannot download one, and from random weights
 its CAMs stay noise for most of a short run. So `--pretrained demo` builds (once, cached) a resnet18
-trained to name the **shape** of one object per image: the demo's five shapes plus three distractor
-shapes, in any of the demo's twenty class colours or a random one, on the demo's cluttered backgrounds.
-Its images come from a random stream of their own (never a demo train or val image). The pretext
-knows shapes but not which (shape, colour) pair is which VOC class, nor several objects per image:
-the demo still has to learn its classes, the way ImageNet features still have to learn VOC's.
+trained to name the **hue** of the one object in an image (10 classes, the demo's ten hue positions,
+each drawn anywhere within its bin, light or dark), whatever its shape: the demo's five shapes or three
+distractor shapes, on the demo's cluttered backgrounds. Its images come from a random stream of their
+own (never a demo train or val image). It learns to find a coloured object on clutter and to tell hues
+apart, not the demo's classes: a demo class is a (hue, brightness, shape) triple, two classes share
+each hue, and a demo image holds up to four objects. So the demo still has to learn its classes, the way
+ImageNet features still have to learn VOC's. (A shape-naming pretext reached 26% pretext accuracy in
+the same budget, too little to help; hue reaches about 80% in a few hundred steps.)
 
 Cached under $OASS_CACHE/demo_backbone (default ~/.cache/oass): `resnet18_demo_seed<S>.pth`, a
 torchvision-format state dict (fc has `num_classes` outputs, recorded in the card) and
@@ -18,6 +21,7 @@ hash does not match its card is rebuilt with a warning, never loaded.
 from __future__ import annotations
 
 import argparse
+import colorsys
 import contextlib
 import fcntl
 import hashlib
@@ -34,14 +38,16 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from PIL import Image
 
-from tools.demo_data import CLASS_STYLES, SHAPES, _draw_clutter, _gradient, _shape_mask
+from tools.demo_data import SHAPES, _draw_clutter, _gradient, _shape_mask
 from tools.errors import UserError, run_cli
 
-FORMAT_VERSION = 1  # bump when the pretext or the training changes, so cached backbones are rebuilt
+FORMAT_VERSION = 2  # bump when the pretext or the training changes, so cached backbones are rebuilt
 DISTRACTOR_SHAPES = ("diamond", "bar", "hexagon")
 PRETEXT_SHAPES = (*SHAPES, *DISTRACTOR_SHAPES)
+# the labels: hue bins centred on the demo's ten class hues (tools.demo_data: hue c % 10 / 10)
+PRETEXT_CLASSES = ("red", "orange", "yellow", "chartreuse", "green", "cyan", "azure", "blue", "violet", "rose")
 IMAGE_SIZE = 64  # objects of 18-48 px, the scale of the demo's objects after its 96-160 px resize
-RECIPE = {"train_images": 4000, "test_images": 500, "epochs": 3, "batch_size": 32, "lr": 0.03,
+RECIPE = {"train_images": 4000, "test_images": 500, "epochs": 2, "batch_size": 32, "lr": 0.03,
           "momentum": 0.9, "wd": 5e-4, "image_size": IMAGE_SIZE}
 _STREAM = 7_000_001  # the pretext's own random stream: the demo sets draw from [seed, k]
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # the training transforms' ImageNet normalisation
@@ -87,8 +93,8 @@ def _extra_shape_mask(shape: str, size: tuple[int, int], box: tuple[int, int, in
 
 
 def render_pretext_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[np.ndarray, int]:
-    """One uint8 size x size x 3 image with one object, and its label (an index into PRETEXT_SHAPES)."""
-    label = int(rng.integers(len(PRETEXT_SHAPES)))
+    """One uint8 size x size x 3 image with one object, and its label (an index into PRETEXT_CLASSES)."""
+    label = int(rng.integers(len(PRETEXT_CLASSES)))
     background = Image.fromarray(np.clip(_gradient(rng, size, size), 0, 255).astype(np.uint8))
     _draw_clutter(background, rng)
     pixels = np.asarray(background, dtype=np.float32).copy()
@@ -97,13 +103,11 @@ def render_pretext_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> tu
     w, h = max(6, round(side * np.sqrt(aspect))), max(6, round(side / np.sqrt(aspect)))
     x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
     box = (x0, y0, x0 + w, y0 + h)
-    shape = PRETEXT_SHAPES[label]
+    shape = PRETEXT_SHAPES[int(rng.integers(len(PRETEXT_SHAPES)))]
     mask = _shape_mask(shape, (size, size), box) if shape in SHAPES else _extra_shape_mask(shape, (size, size), box)
-    # the demo's class colours (any shape may wear any of them) or, as often, a random saturated one
-    if rng.random() < 0.5:
-        colour = np.asarray(CLASS_STYLES[int(rng.integers(len(CLASS_STYLES)))][1], np.float32)
-    else:
-        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+    # anywhere in the hue's bin, from dark to bright: the demo's light and dark class colours both fall inside
+    hue = (label + rng.uniform(-0.3, 0.3)) / len(PRETEXT_CLASSES) % 1.0
+    colour = np.asarray(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.45, 1.0)), np.float32) * 255
     pixels[mask] = colour + rng.uniform(-12, 12, size=3)
     pixels += rng.normal(0.0, 5.0, size=pixels.shape)
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), label
@@ -135,7 +139,7 @@ def pretrain(seed: int = 0, recipe: dict | None = None, log=print) -> tuple[dict
     torch.manual_seed(seed)
     train_x, train_y = pretext_set(seed, 0, recipe["train_images"], recipe["image_size"])
     test_x, test_y = pretext_set(seed, recipe["train_images"], recipe["test_images"], recipe["image_size"])
-    model = tvm.resnet18(weights=None, num_classes=len(PRETEXT_SHAPES))
+    model = tvm.resnet18(weights=None, num_classes=len(PRETEXT_CLASSES))
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
                                 weight_decay=recipe["wd"], nesterov=True)
     steps_per_epoch = len(train_x) // recipe["batch_size"]
@@ -164,9 +168,9 @@ def pretrain(seed: int = 0, recipe: dict | None = None, log=print) -> tuple[dict
         predictions = torch.cat([model(_normalise(test_x[i:i + 256])).argmax(1) for i in range(0, len(test_x), 256)])
     accuracy = float((predictions == test_y).float().mean() * 100)
     card = {"format_version": FORMAT_VERSION, "architecture": "resnet18", "seed": seed,
-            "num_classes": len(PRETEXT_SHAPES), "classes": list(PRETEXT_SHAPES), "recipe": recipe,
+            "num_classes": len(PRETEXT_CLASSES), "classes": list(PRETEXT_CLASSES), "recipe": recipe,
             "images": recipe["train_images"], "epochs": recipe["epochs"], "pretext_test_images": recipe["test_images"],
-            "pretext_accuracy": round(accuracy, 2), "chance_accuracy": round(100 / len(PRETEXT_SHAPES), 2),
+            "pretext_accuracy": round(accuracy, 2), "chance_accuracy": round(100 / len(PRETEXT_CLASSES), 2),
             "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__}
     return model.state_dict(), card
 
