@@ -152,6 +152,9 @@ def _recipe_flags(a: Callable) -> None:
       "decay), ResNet biases x2, the other weights (class-map conv, CSI head) x10 (with weight decay), biases x20")
     a("--wd", type=float, default=1e-4, help="weight decay")
     a("--momentum", type=float, default=1e-4, help="SGD momentum; 1e-4 is the reference's effective value")
+    a("--clip_grad_norm", type=float, default=0.0,
+      help="clip the student's gradient to this total norm before each step (0: off, the reference). A guard "
+      "against the CAM normalisation's 1/(max + 1e-5) gradient when a class map's peak is near zero")
     a("--nesterov", type=str2bool, default=True, help="Nesterov momentum (true or false)")
     a("--image_size", type=int, default=512, help="training crop and validation pad size (a multiple of 16)")
     a("--min_image_size", type=int, default=320, help="random long side before the crop: at least this")
@@ -280,6 +283,7 @@ def validate_args(args: argparse.Namespace) -> None:
          "--min_image_size must be positive and at most --max_image_size"),
         (args.lr <= 0, f"--lr must be positive, got {args.lr}"),
         (args.wd < 0, f"--wd must not be negative, got {args.wd}"),
+        (args.clip_grad_norm < 0, f"--clip_grad_norm must not be negative (0: off), got {args.clip_grad_norm}"),
         (args.momentum < 0 or args.momentum >= 1, f"--momentum must be in [0, 1), got {args.momentum}"),
         (args.nesterov and args.momentum == 0, "--nesterov true needs a positive --momentum"),
         (min(args.alpha_re, args.alpha_p) < 0, "loss weights --alpha_re/--alpha and --alpha_p must not be negative"),

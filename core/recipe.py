@@ -21,7 +21,7 @@ RUN_DEFINING_FLAGS = (
     "strategy", "architecture", "mode", "pretrained", "head", "dataset", "demo", "train_split", "val_split",
     "keep_unlabelled", "eval_resize",
     # the optimisation: the poly schedule spans max_epoch epochs, so max_epoch is part of every lr
-    "batch_size", "max_epoch", "lr", "wd", "momentum", "nesterov", "warmup_epoch", "seed", "amp",
+    "batch_size", "max_epoch", "lr", "wd", "momentum", "nesterov", "warmup_epoch", "seed", "amp", "clip_grad_norm",
     # the inputs
     "image_size", "min_image_size", "max_image_size", "augment",
     # the OASS tasks and their losses

@@ -209,6 +209,9 @@ def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int
             loss, stats = forward_losses(ctx, images, labels, labels_cpu, alpha_re)
             ctx.scaler.scale(loss / count).backward()
         mean_stats = mean_stats + stats / count
+    if ctx.args.clip_grad_norm > 0:  # a guard, off in the reference (README, Results: why a demo run can explode)
+        ctx.scaler.unscale_(ctx.optimizer)
+        torch.nn.utils.clip_grad_norm_(ctx.bare_student.parameters(), ctx.args.clip_grad_norm)
     ctx.scaler.step(ctx.optimizer)
     ctx.scaler.update()
     ctx.optimizer.zero_grad(set_to_none=True)

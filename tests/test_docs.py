@@ -90,6 +90,9 @@ def test_every_command_shown_parses(page, line, command):
         if module_name == "benchmarks.train_speed":  # it passes unknown flags on to the trainer's parser
             _, extra = parser.parse_known_args(argv)
             build_parser({"strategy": "ctopk_w"}).parse_args(["--demo", *extra])
+        elif module_name == "run_experiments":  # the same: its unknown flags go to every run
+            _, extra = parser.parse_known_args(argv)
+            build_parser({}).parse_args(extra)
         else:
             parser.parse_args(argv)
     except SystemExit as exc:

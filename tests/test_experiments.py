@@ -242,3 +242,33 @@ def test_compare_groups_bad_input_and_older_runs(experiment, tmp_path, capsys):
     code, out, err = call(compare_experiments.main, ["--dir", folder.parent], capsys)
     line = one_error_line(code, err)
     assert "group ctopk_w mixes recipes" in line and "--lr" in line and not out
+
+
+# ----------------------------------------------------------------------------- the guard against exploding steps
+def test_clip_grad_norm_bounds_the_step_and_is_off_by_default(monkeypatch):
+    from core.runtime import Runtime
+    from core.step import build_step, train_step
+
+    args = parse_args({"strategy": "ctopk_w", "head": "csi"}, [
+        "--demo", "--pretrained", "none", "--image_size", "64", "--batch_size", "4", "--reference_gpus", "1",
+        "--min_distance", "3", "--device", "cpu"])
+    assert args.clip_grad_norm == 0  # the reference clips nothing
+    norms = {}
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 64, 64, generator=generator)
+    labels = torch.zeros(4, 20)
+    labels[[0, 1, 2, 3, 3], [0, 5, 7, 7, 12]] = 1
+    for clip in (0.0, 1e-3):
+        args.clip_grad_norm = clip
+        torch.manual_seed(0)
+        ctx = build_step(args, Runtime(torch.device("cpu")))
+        original = ctx.optimizer.step
+
+        def step(*a, _ctx=ctx, _clip=clip, _original=original, **k):
+            grads = [p.grad for p in _ctx.bare_student.parameters() if p.grad is not None]
+            norms[_clip] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            return _original(*a, **k)
+
+        monkeypatch.setattr(ctx.optimizer, "step", step)
+        train_step(ctx, [(images, labels)], 0, 10)
+    assert norms[0.0] > 1e-2 and norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
