@@ -169,11 +169,15 @@ def test_a_script_changes_the_demo_recipe_only_under_demo():
     real = parse_args(defaults, ["--data_dir", "unused"])  # the reference's values without --demo
     assert (real.head, real.tile_calls, real.reference_gpus, real.lr) == ("csi", "task", 4, 0.1)
     assert parse_args(defaults, ["--demo", "--tile_calls", "task"]).tile_calls == "task"  # flags win
-    own = parse_args(max_script.DEFAULTS, ["--demo"])  # the shipped script: its own recipe, scaled down
+    own = parse_args(oass_script.DEFAULTS, ["--demo"])  # a shipped OASS script: its own recipe, scaled down
     assert (own.head, own.tile_calls, own.reference_gpus, own.lr, own.momentum, own.alpha_schedule_re) == \
         ("csi", "task", 4, 0.1, 1e-4, 0.05)
     assert (own.architecture, own.pretrained, own.image_size, own.batch_size, own.max_epoch) == \
         ("resnet18", "demo", 112, 16, 3)
+    # Max's one measured exception (README, Results), and nothing else of its recipe changes
+    assert max_script.DEFAULTS["demo_recipe"] == {"head": "gap", "tile_calls": "batch"}
+    max_demo = parse_args(max_script.DEFAULTS, ["--demo"])
+    assert (max_demo.head, max_demo.tile_calls, max_demo.reference_gpus, max_demo.lr) == ("gap", "batch", 4, 0.1)
 
 
 # ----------------------------------------------------------------------------- a bad image mid-run

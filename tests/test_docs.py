@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from core import flags_doc
 from core.config import build_parser
-from tools import flags_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -48,6 +48,10 @@ def bash_commands(page: Path) -> list[tuple[int, str]]:
 def script_and_argv(command: str) -> tuple[str, list[str]] | None:
     """(module name, argv) of a command that runs a repo script; None for other programs (pytest, pip)."""
     words = shlex.split(command, comments=True)
+    for i, word in enumerate(words):  # the command ends where the shell takes over (background, pipe, redirect)
+        if word in ("&", "&&", "|", ";", ">", ">>", "2>"):
+            words = words[:i]
+            break
     while words and re.match(r"^[A-Z_]+=", words[0]):  # environment assignments (OMP_NUM_THREADS=1 ...)
         words.pop(0)
     launcher, words = words[0], words[1:]
