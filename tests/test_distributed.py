@@ -112,6 +112,11 @@ def test_torchrun_restarts_a_killed_worker_and_resume_auto_is_bitwise_equal(tiny
     straight = torchrun("straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = torchrun("killed", OASS_TEST_KILL_RANK_AT="1:3")
+    if killed.returncode != 0 and "connectFullMesh" in killed.stderr:
+        # Seen once in our full-suite runs on the 2-core machine: the restarted group's gloo connection over the
+        # loopback timed out, and with --max_restarts 1 torchrun gave up. A requeue runs the same command
+        # again; --resume auto continues from the last checkpoint, and the weights must still match.
+        killed = torchrun("killed")
     assert killed.returncode == 0, killed.stderr[-3000:]
     log = (tmp_path / "logs" / "killed.txt").read_text()
     assert "resumed from" in log and log.count("# config") == 1  # the restart continued, it did not start over
