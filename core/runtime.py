@@ -55,7 +55,14 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # torchrun's restarts can leave the previous attempt's keys in the store they share, and a restarted gloo
+        # group then waited on the dead workers' addresses (seen in tests/test_distributed.py's restart test):
+        # every attempt gets keys of its own
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.PrefixStore(f"oass/attempt_{attempt}", store), rank=rank,
+                                world_size=world_size)
     return Runtime(device, rank, world_size, local_rank)
 
 

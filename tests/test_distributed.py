@@ -113,9 +113,9 @@ def test_torchrun_restarts_a_killed_worker_and_resume_auto_is_bitwise_equal(tiny
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = torchrun("killed", OASS_TEST_KILL_RANK_AT="1:3")
     if killed.returncode != 0 and "connectFullMesh" in killed.stderr:
-        # Seen once in our full-suite runs on the 2-core machine: the restarted group's gloo connection over the
-        # loopback timed out, and with --max_restarts 1 torchrun gave up. A requeue runs the same command
-        # again; --resume auto continues from the last checkpoint, and the weights must still match.
+        # Before core/runtime.py gave each torchrun attempt its own store keys, the restarted group's gloo
+        # connection sometimes timed out (twice in our full-suite runs). Should it happen again, a requeue runs
+        # the same command; --resume auto continues from the last checkpoint, and the weights must still match.
         killed = torchrun("killed")
     assert killed.returncode == 0, killed.stderr[-3000:]
     log = (tmp_path / "logs" / "killed.txt").read_text()
