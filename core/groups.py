@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from core.localisation import KEYPOINT_STRATEGIES
+from core.localisation import keypoint_strategies
 from core.recipe import flag_defaults, legacy_config, recipe_changes
+from core.strategies import STRATEGIES
 from tools.bootstrap import BootstrapResult, paired_bootstrap, resample_indices, run_maps
 from tools.errors import UserError
 from tools.metrics import mean_average_precision
 
-GROUP_ORDER = ("none", "puzzle", "max", "cmax", "ctopk", "ctopk_w")  # baselines first, then the OASS strategies
 METRICS = ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game", "hit_rate", "hit_rate_first")
 HEADERS = {"mAP": "best mAP", "mAP_voc": "mAP_voc", "CF1": "CF1", "OF1": "OF1", "pointing_game": "pointing game",
            "hit_rate": "hit rate", "hit_rate_first": "hit rate (1st val)"}
@@ -59,7 +59,7 @@ def run_metrics(history: dict) -> dict:
         return {key: math.nan for key in METRICS}
     best = max(validation, key=lambda r: r["mAP"])
     strategy = history["config"].get("strategy")
-    hit = f"hit_rate_{strategy}" if strategy in KEYPOINT_STRATEGIES else None
+    hit = f"hit_rate_{strategy}" if strategy in keypoint_strategies() else None
     out = {key: _number(best.get(key)) for key in ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game")}
     out["hit_rate"] = _number(best.get(hit)) if hit else math.nan
     out["hit_rate_first"] = _number(validation[0].get(hit)) if hit else math.nan
@@ -67,11 +67,13 @@ def run_metrics(history: dict) -> dict:
 
 
 def make_groups(histories: list[dict]) -> list[Group]:
-    """One group per strategy, in GROUP_ORDER (others after, by name); a group mixing recipes is refused."""
+    """One group per strategy, in the registry's order (baselines first, then OASS, then plug-ins; unknown names
+    last, by name); a group mixing recipes is refused."""
     by_name: dict[str, list[dict]] = {}
     for history in histories:
         by_name.setdefault(str(history["config"].get("strategy")), []).append(history)
-    order = sorted(by_name, key=lambda n: (GROUP_ORDER.index(n) if n in GROUP_ORDER else len(GROUP_ORDER), n))
+    registered = list(STRATEGIES)
+    order = sorted(by_name, key=lambda n: (registered.index(n) if n in registered else len(registered), n))
     groups = [Group(name, by_name[name]) for name in order]
     for group in groups:
         check_one_recipe(group)

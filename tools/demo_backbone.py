@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tools.demo_data import SHAPES, _draw_clutter, _gradient, _shape_mask
 from tools.errors import UserError, run_cli
@@ -71,8 +71,6 @@ def backbone_paths(seed: int = 0) -> tuple[Path, Path]:
 
 def _extra_shape_mask(shape: str, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
     """Masks of the distractor shapes (the demo's own come from tools.demo_data)."""
-    from PIL import ImageDraw
-
     mask = Image.new("L", size, 0)
     draw = ImageDraw.Draw(mask)
     x0, y0, x1, y1 = box
