@@ -1,6 +1,6 @@
 """Baseline: multi-label classification with the class loss only (GAP head).
 
-Loss: core/losses.py classification_loss. No puzzle task.
+Loss: core/step.py loss_terms (classification_loss; the puzzle terms stay 0). No puzzle task.
 """
 from core.trainer import main
 

@@ -1,7 +1,7 @@
 """Baseline: Puzzle-CAM (fixed 2x2 centre cut, student tiles, all labels, GAP head).
 
-Keypoint: the centre (core/strategies.py build_tasks). Losses: core/losses.py classification_loss and
-puzzle_losses (p_class + re), weighted in core/step.py forward_losses.
+Keypoint: the centre (core/strategies.py build_tasks). Losses: core/step.py loss_terms
+(classification_loss, puzzle_losses: p_class + re, and their weights).
 """
 from core.trainer import main
 

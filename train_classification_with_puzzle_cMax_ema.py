@@ -1,7 +1,7 @@
 """OASS, cMax: one task per positive class, cut at that class's CAM argmax; EMA-teacher tiles; CSI head.
 
 Keypoint: core/keypoints.py argmax_cuts on each class's upsampled CAM (core/strategies.py build_tasks).
-Losses: core/losses.py classification_loss and puzzle_losses, weighted in core/step.py forward_losses.
+Losses: core/step.py loss_terms (classification_loss, puzzle_losses and their weights).
 """
 from core.trainer import main
 

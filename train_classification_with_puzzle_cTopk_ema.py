@@ -1,7 +1,7 @@
 """OASS, cTopk: one task per positive class, cut at the mean of its top-k CAM peaks; EMA teacher; CSI head.
 
 Keypoint: core/keypoints.py topk_mean_cuts (rule A, method.md section 3; core/strategies.py build_tasks).
-Losses: core/losses.py classification_loss and puzzle_losses, weighted in core/step.py forward_losses.
+Losses: core/step.py loss_terms (classification_loss, puzzle_losses and their weights).
 """
 from core.trainer import main
 

@@ -1,7 +1,7 @@
 """OASS, cTopk-w: as cTopk with a CAM-weighted mean of the peaks; EMA teacher; CSI head.
 
 Keypoint: core/keypoints.py topk_weighted_cuts (rule B, method.md section 3; core/strategies.py build_tasks).
-Losses: core/losses.py classification_loss and puzzle_losses, weighted in core/step.py forward_losses.
+Losses: core/step.py loss_terms (classification_loss, puzzle_losses and their weights).
 """
 from core.trainer import main
 

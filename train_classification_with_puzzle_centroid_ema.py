@@ -1,7 +1,7 @@
 """OASS with a plug-in keypoint: the CAM-weighted centroid of each class's CAM; EMA teacher; CSI head.
 
 Keypoint: strategies/centroid.py centroid_keypoints (the worked example of docs/extending.md).
-Losses and loss weights: those of the cTopk-w script (core/losses.py, core/step.py forward_losses).
+Losses and loss weights: those of the cTopk-w script (core/step.py loss_terms).
 """
 import strategies.centroid  # noqa: F401  registers --strategy centroid before the parser is built
 from core.trainer import main

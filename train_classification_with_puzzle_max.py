@@ -1,7 +1,7 @@
 """OASS, Max: cut each image at the argmax of its merged CAM; student tiles, all labels; CSI head.
 
 Keypoint: core/keypoints.py argmax_cuts on the merged, upsampled CAM (core/strategies.py build_tasks).
-Losses: core/losses.py classification_loss and puzzle_losses, weighted in core/step.py forward_losses.
+Losses: core/step.py loss_terms (classification_loss, puzzle_losses and their weights).
 """
 from core.trainer import main
 

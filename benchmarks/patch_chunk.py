@@ -27,8 +27,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from core.config import parse_args  # noqa: E402
-from core.ema import freeze_as_teacher  # noqa: E402
-from core.step import auto_patch_chunk, build_model, patch_features, tile_plan  # noqa: E402
+from core.step import auto_patch_chunk, build_model, freeze_as_teacher, patch_features, tile_plan  # noqa: E402
 from tools.errors import run_cli  # noqa: E402
 
 

@@ -22,9 +22,15 @@ from skimage.feature import peak_local_max
 
 from core.batchnorm import BNPlan, bn_plan
 from core.builder import make_cams
-from core.ema import update_teacher
-from core.losses import classification_loss
-from core.step import StepContext, alpha_re_at, device_images, lr_factor, student_plan
+from core.step import (
+    StepContext,
+    alpha_re_at,
+    classification_loss,
+    device_images,
+    lr_factor,
+    student_plan,
+    update_teacher,
+)
 from tools.errors import UserError
 
 

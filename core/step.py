@@ -1,7 +1,9 @@
 """One optimisation step: the classification loss plus the strategy's puzzle tasks, then the EMA teacher.
 
 `build_step` makes everything a step needs (student, teacher, optimiser, scaler); `train_step`
-runs one iteration. The training loop and benchmarks/train_speed.py both use these two.
+runs one iteration and returns its `StepStats` by name. The loss terms and their weights live in
+`loss_terms` (method.md sections 2 and 4): a new term is one more entry there, and the loop logs it.
+The training loop and benchmarks/train_speed.py both use `build_step` and `train_step`.
 """
 from __future__ import annotations
 
@@ -9,21 +11,19 @@ import argparse
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from core.batchnorm import BNPlan, bn_plan
 from core.builder import Classifier, make_cams, parameter_groups, poly_lr_factor
 from core.config import autocast_settings
-from core.ema import freeze_as_teacher, update_teacher
-from core.losses import classification_loss, puzzle_losses
 from core.puzzle import grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
 from core.runtime import Runtime, unwrap, wrap_for_devices
 from core.strategies import STRATEGIES, Strategy, build_tasks
 from tools.augment import PackedImages, normalize_packed
-
-LOSS_TERMS = ("loss", "class_loss", "p_class_loss", "re_loss")
 
 # --patch_chunk auto. A tile's largest activation in the patch network: the stem's 64 channels at half
 # the tile's side (a Bottleneck layer1's 256 channels at a quarter of it hold as many values).
@@ -36,6 +36,85 @@ CPU_ACTIVATION_BUDGET = 8 * 2**20
 # CUDA: one forward, unless about this many of the largest activations (alive at once in a forward
 # without gradient) for all tiles would take more than half of the memory still free.
 CUDA_LIVE_ACTIVATIONS = 4
+
+
+class LossTerm(NamedTuple):
+    """One term of the loss: its name in logs and history, its weight (None: unweighted) and its value."""
+
+    name: str
+    weight: float | None
+    value: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """A step's statistics by name, in one tensor on the device: reading a value syncs, the step never does.
+
+    The total loss and its terms come first (`losses` names), then the other statistics; a position or a
+    slice reads that tensor directly (stats[1:4]: the class, p_class and re losses), a name one value.
+    """
+
+    names: tuple[str, ...]
+    values: torch.Tensor
+    losses: int
+
+    @classmethod
+    def of(cls, losses: dict[str, torch.Tensor], others: dict[str, torch.Tensor]) -> StepStats:
+        return cls((*losses, *others), torch.stack([*losses.values(), *others.values()]), len(losses))
+
+    def __getitem__(self, key: int | slice | str) -> torch.Tensor:
+        return self.values[self.names.index(key)] if isinstance(key, str) else self.values[key]
+
+    def with_values(self, values: torch.Tensor) -> StepStats:
+        return StepStats(self.names, values, self.losses)
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        return self.names[:self.losses]
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.multilabel_soft_margin_loss(logits, targets)
+
+
+def puzzle_losses(features: torch.Tensor, stitched: torch.Tensor, image_index: torch.Tensor,
+                  targets: torch.Tensor, re_loss: str = "L1_Loss", masking: bool = True,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p_class_loss, re_loss), each a mean over all tasks of the batch.
+
+    features: the student's raw class maps (B, C, h, w); stitched: one map per task (N, C, h, w);
+    image_index: the image of each task; targets: each task's target (N, C).
+    The re-construction error is masked to the task's target classes and averaged over all elements.
+    """
+    if stitched.shape[0] == 0:  # no task in this batch (no image had a label)
+        zero = features.sum() * 0.0
+        return zero, zero
+    p_class = F.multilabel_soft_margin_loss(stitched.mean(dim=(2, 3)), targets)
+    diff = features[image_index] - stitched
+    error = diff.abs() if re_loss == "L1_Loss" else diff.square()
+    if masking:
+        error = error * targets[:, :, None, None]
+    return p_class, error.mean()
+
+
+def freeze_as_teacher(network: nn.Module) -> nn.Module:
+    """The reference builds the teacher as an independent network (its own random heads) and detaches
+    its parameters; the first update (a = 0) makes them the student's. It stays in train mode."""
+    for param in network.parameters():
+        param.requires_grad_(False)
+    return network.train()
+
+
+def ema_momentum(step: int, alpha_ema: float) -> float:
+    """a = min(1 - 1/(step + 1), alpha_ema): the teacher follows the student closely at first."""
+    return min(1.0 - 1.0 / (step + 1), alpha_ema)
+
+
+@torch.no_grad()
+def update_teacher(teacher: nn.Module, student: nn.Module, step: int, alpha_ema: float) -> None:
+    """teacher <- a * teacher + (1 - a) * student, parameters only: BatchNorm buffers stay the teacher's own."""
+    a = ema_momentum(step, alpha_ema)
+    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1.0 - a)
 
 
 @dataclass
@@ -150,9 +229,12 @@ def tile_maps_of_tasks(ctx: StepContext, images: torch.Tensor, image_index: torc
     return maps.float()
 
 
-def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
-                   alpha_re: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Total loss of a micro-batch and its stats [loss, class, p_class, re, tasks, keypoint distance]."""
+def loss_terms(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
+               alpha_re: float) -> tuple[list[LossTerm], dict[str, torch.Tensor]]:
+    """The loss terms of a micro-batch, the first unweighted, and the step's other statistics (detached).
+
+    A new term is one more LossTerm here: the total, the history and the log follow its name.
+    """
     args = ctx.args
     with torch.autocast(**ctx.autocast), bn_plan(ctx.bare_student, student_plan(args, images.shape[0])):
         logits, features = ctx.student(images)
@@ -173,10 +255,20 @@ def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
         num_tasks = zero + len(tasks)
         # from Python scalars: no host-to-device copy, no sync
         distance = torch.hypot(cuts[:, 0] - height / 2, cuts[:, 1] - width / 2).mean() if len(tasks) else zero
-    loss = class_loss + args.alpha_p * p_class_loss + alpha_re * re_loss
-    stats = torch.stack([loss.detach(), class_loss.detach(), p_class_loss.detach(), re_loss.detach(),
-                         num_tasks, distance])
-    return loss, stats
+    terms = [LossTerm("class_loss", None, class_loss), LossTerm("p_class_loss", args.alpha_p, p_class_loss),
+             LossTerm("re_loss", alpha_re, re_loss)]
+    return terms, {"tasks_per_batch": num_tasks, "keypoint_distance": distance}
+
+
+def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
+                   alpha_re: float) -> tuple[torch.Tensor, StepStats]:
+    """Total loss of a micro-batch (the weighted sum of loss_terms, in their order) and its stats."""
+    terms, others = loss_terms(ctx, images, labels, labels_cpu, alpha_re)
+    loss = terms[0].value
+    for term in terms[1:]:
+        loss = loss + term.weight * term.value
+    losses = {"loss": loss.detach(), **{term.name: term.value.detach() for term in terms}}
+    return loss, StepStats.of(losses, others)
 
 
 def device_images(images: torch.Tensor | PackedImages, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -189,7 +281,7 @@ def device_images(images: torch.Tensor | PackedImages, device: torch.device, cha
     return images.to(device, non_blocking=True).contiguous(memory_format=layout)
 
 
-def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int) -> torch.Tensor:
+def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int) -> StepStats:
     """One optimizer step of iteration `iteration` of `total` over its micro-batches [(images, labels)] (images:
     a float batch or the loader's uint8 PackedImages):
     poly lr and alpha_re, forward/backward of each micro-batch, the step, the EMA teacher update.
@@ -199,7 +291,7 @@ def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int
         group["lr"] = lr0 * factor
     alpha_re = alpha_re_at(ctx.args, iteration, total)
     count = len(micro_batches)
-    mean_stats = 0.0
+    mean, stats = 0.0, None
     for micro, (images, labels_cpu) in enumerate(micro_batches):
         images = device_images(images, ctx.device, ctx.channels_last)
         labels = labels_cpu.to(ctx.device, non_blocking=True)
@@ -208,7 +300,7 @@ def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int
         with ctx.student.no_sync() if no_sync else contextlib.nullcontext():
             loss, stats = forward_losses(ctx, images, labels, labels_cpu, alpha_re)
             ctx.scaler.scale(loss / count).backward()
-        mean_stats = mean_stats + stats / count
+        mean = mean + stats.values / count
     if ctx.args.clip_grad_norm > 0:  # a guard, off in the reference (README, Results: why a demo run can explode)
         ctx.scaler.unscale_(ctx.optimizer)
         torch.nn.utils.clip_grad_norm_(ctx.bare_student.parameters(), ctx.args.clip_grad_norm)
@@ -217,7 +309,7 @@ def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.teacher is not None:
         update_teacher(ctx.bare_teacher, ctx.bare_student, iteration, ctx.args.alpha_ema)
-    return mean_stats
+    return stats.with_values(mean)
 
 
 def alpha_re_at(args: argparse.Namespace, iteration: int, total: int) -> float:

@@ -21,7 +21,7 @@ from core.localisation import format_summary
 from core.preemption import StopRequest, fault_hook, resolve_resume
 from core.recipe import check_resume, check_stop, current_script
 from core.runtime import Runtime, broadcast_buffers, rng_states, seed_everything, set_rng_states, setup_runtime
-from core.step import LOSS_TERMS, StepContext, alpha_re_at, build_step, train_step
+from core.step import StepContext, StepStats, alpha_re_at, build_step, train_step
 from core.strategies import STRATEGIES
 from core.tb_logging import close_writer, log_scalars, make_writer
 from tools.checkpoint import load_checkpoint_and_hash, plain_values, restore_states, save_checkpoint, write_json
@@ -42,6 +42,14 @@ def describe_config(args: argparse.Namespace, extra: dict) -> str:
     return "\n".join(lines)
 
 
+# how the log line shows a statistic that is not a loss (others: its name and 4 digits)
+LOG_FORMATS = {"tasks_per_batch": "tasks/batch {:.1f}", "keypoint_distance": "kp_dist {:.1f}px"}
+
+
+def log_field(name: str, value: float) -> str:
+    return LOG_FORMATS.get(name, name + " {:.4g}").format(value)
+
+
 class Run:
     """A training run's state between iterations: what a checkpoint holds, the logs, the meters."""
 
@@ -53,9 +61,9 @@ class Run:
         self.stop_at = min(self.total, args.max_iterations or self.total)
         self.history = History(config=vars(args).copy())
         self.iteration, self.best_map = 0, -1.0
-        self.window = torch.zeros(6, device=runtime.device)
+        self.window: StepStats | None = None  # the sum of the steps' stats since the last log line
         self.window_steps, self.window_start = 0, time.time()
-        self.bad = torch.full((7,), -1.0, device=runtime.device)  # first non-finite step: iteration + its stats
+        self.bad: torch.Tensor | None = None  # the first non-finite step: its iteration, then its stats (-1: none)
         self.wall_start = time.time()
         self.log = Logger(files.log, runtime.is_main, append=args.resume)
         self.writer = None
@@ -96,9 +104,11 @@ class Run:
             validation[-1].setdefault("checkpoints", {})[which] = sha
 
     def check_finite(self) -> None:
+        if self.bad is None:
+            return
         values = self.bad.tolist()
         if values[0] >= 0:
-            terms = ", ".join(f"{n}={v:.4g}" for n, v in zip(LOSS_TERMS, values[1:5]))
+            terms = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.window.loss_names, values[1:]))
             raise UserError(
                 f"non-finite loss at iteration {int(values[0])} ({terms}); stopped without saving, "
                 f"{self.files.checkpoint('last')} keeps the last good state — lower --lr or the loss weights"
@@ -139,31 +149,36 @@ class Run:
         for note in data.notes:
             self.log(f"# data: {note}")
 
-    def record_step(self, stats: torch.Tensor) -> None:
-        """Accumulate a step's stats on the device; remember the first non-finite one (no sync)."""
-        self.window += stats
-        first_bad = ~torch.isfinite(stats[:4]).all() & (self.bad[0] < 0)
-        self.bad.copy_(torch.where(first_bad, torch.cat([stats.new_full((1,), self.iteration), stats]), self.bad))
+    def record_step(self, stats: StepStats) -> None:
+        """Accumulate a step's stats on the device; remember the first non-finite loss (no sync)."""
+        if self.window is None:
+            self.window = stats.with_values(torch.zeros_like(stats.values))
+            self.bad = stats.values.new_full((1 + len(stats.names),), -1.0)
+        self.window.values.add_(stats.values)
+        values = stats.values
+        first_bad = ~torch.isfinite(values[:stats.losses]).all() & (self.bad[0] < 0)
+        self.bad.copy_(torch.where(first_bad, torch.cat([values.new_full((1,), self.iteration), values]), self.bad))
         self.window_steps += 1
 
     def log_train(self) -> None:
         self.check_finite()
-        mean = (self.window / self.window_steps).tolist()
+        window = self.window
+        mean = dict(zip(window.names, (window.values / self.window_steps).tolist()))
         it, args = self.iteration, self.args
         alpha_re = alpha_re_at(args, it - 1, self.total)  # of the step just done
+        losses = {name: mean.pop(name) for name in window.loss_names}
         row = {"iteration": it, "epoch": round(it / self.iters_per_epoch, 3),
-               "lr": self.ctx.optimizer.param_groups[0]["lr"], **dict(zip(LOSS_TERMS, mean[:4])),
-               "alpha_re": alpha_re, "tasks_per_batch": mean[4], "keypoint_distance": mean[5],
+               "lr": self.ctx.optimizer.param_groups[0]["lr"], **losses, "alpha_re": alpha_re, **mean,
                "seconds_per_iteration": (time.time() - self.window_start) / self.window_steps}
         self.history.train.append(row)
         if self.runtime.is_main:  # the JSON history follows the log, for live monitoring
             write_json(self.history.as_dict(), self.files.history)
-        self.log(f"[{it}/{self.total}] epoch {row['epoch']:.2f} lr {row['lr']:.4g} loss {row['loss']:.4f} "
-                 f"class {row['class_loss']:.4f} p_class {row['p_class_loss']:.4f} re {row['re_loss']:.4f} "
-                 f"alpha_re {alpha_re:.3f} tasks/batch {row['tasks_per_batch']:.1f} "
-                 f"kp_dist {row['keypoint_distance']:.1f}px {row['seconds_per_iteration']:.2f}s/it")
+        terms = " ".join(f"{name.removesuffix('_loss')} {value:.4f}" for name, value in losses.items())
+        others = " ".join(log_field(name, value) for name, value in mean.items())
+        self.log(f"[{it}/{self.total}] epoch {row['epoch']:.2f} lr {row['lr']:.4g} {terms} alpha_re {alpha_re:.3f} "
+                 f"{others} {row['seconds_per_iteration']:.2f}s/it")
         log_scalars(self.writer, it, {f"train/{k}": v for k, v in row.items() if k != "iteration"})
-        self.window.zero_()
+        window.values.zero_()
         self.window_steps, self.window_start = 0, time.time()
 
     # ------------------------------------------------------------------------- validation

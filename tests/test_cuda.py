@@ -137,7 +137,7 @@ def step_stats(strategy: str, amp: str, device: str, packed: PackedImages, label
     ctx = build_step(args, Runtime(torch.device(device)))
     ctx.student.train()
     before = copy.deepcopy(ctx.bare_student.state_dict())
-    stats = train_step(ctx, [(packed, labels)], 1, 10).float().cpu()
+    stats = train_step(ctx, [(packed, labels)], 1, 10).values.float().cpu()
     after = ctx.bare_student.state_dict()
     moved = any(not torch.equal(before[k], v) for k, v in after.items() if v.is_floating_point())
     assert moved, (strategy, amp, device)

@@ -11,7 +11,7 @@ from core.builder import (
     parameter_groups,
     poly_lr_factor,
 )
-from core.ema import ema_momentum, freeze_as_teacher, update_teacher
+from core.step import ema_momentum, freeze_as_teacher, update_teacher
 from tools.errors import UserError
 
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from core.builder import Classifier, make_cams
 from core.keypoints import upsample_maps
-from core.losses import puzzle_losses
 from core.puzzle import grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
+from core.step import puzzle_losses
 from core.strategies import STRATEGIES, build_tasks
 
 

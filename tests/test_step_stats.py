@@ -1,0 +1,79 @@
+"""The step's named statistics: a loss term added in core/step.py alone reaches the total, the history and the
+log; and a short run's numbers are pinned bit for bit against a digest taken before the refactor of issue 23."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import core.step
+from core.config import parse_args
+from core.trainer import train
+
+# a cTopk-w run (CSI head, EMA teacher, grouped BatchNorm, tile calls) on the tiny VOC set, one thread
+SHORT_RUN = ["--train_split", "main:train", "--val_split", "main:val", "--architecture", "resnet18", "--mode",
+             "normal", "--pretrained", "none", "--image_size", "64", "--min_image_size", "48", "--max_image_size",
+             "80", "--batch_size", "4", "--num_workers", "0", "--lr", "0.01", "--min_distance", "8", "--max_iterations",
+             "4", "--max_epoch", "1", "--reference_gpus", "2", "--seed", "0", "--print_ratio", "0.5"]
+CTOPK_W = {"strategy": "ctopk_w", "head": "csi", "alpha_re": 3.0, "alpha_schedule_re": 0.05, "alpha_p": 0.5}
+# sha256 of run_digest's text for SHORT_RUN, taken at commit db580f1 (before the refactor) with torch 2.x on CPU
+PINNED_DIGEST = "bf0c17c05c1d35dfaca735c90770c1d4a2eb4e7eeb57df62d48329a7b5f530bf"
+
+
+def run_digest(history: dict, scores_file) -> str:
+    """Every number the run computed: train rows and validation records (less wall times and file hashes)
+    and the per-image scores file, as exact text (floats by repr, arrays by their bytes)."""
+    train_rows = [{k: v for k, v in row.items() if k != "seconds_per_iteration"} for row in history["train"]]
+    validation = [{k: v for k, v in rec.items() if k != "checkpoints"} for rec in history["validation"]]
+    text = json.dumps({"train": train_rows, "validation": validation}, sort_keys=True)
+    with np.load(scores_file) as saved:
+        arrays = {key: hashlib.sha256(saved[key].tobytes()).hexdigest() for key in sorted(saved.files)}
+    return hashlib.sha256((text + json.dumps(arrays, sort_keys=True)).encode()).hexdigest()
+
+
+def short_run(tiny_voc, out, argv=()):
+    args = parse_args(CTOPK_W, ["--data_dir", str(tiny_voc), *SHORT_RUN, "--output_dir", str(out), "--tag", "t",
+                                *argv])
+    return train(args)
+
+
+def test_a_short_run_computes_what_it_computed_before_the_refactor(tiny_voc, tmp_path, single_thread):
+    history = short_run(tiny_voc, tmp_path)
+    assert [row["iteration"] for row in history["train"]] == [2, 4]
+    assert run_digest(history, tmp_path / "data" / "t_val_scores.npz") == PINNED_DIGEST
+
+
+def test_a_loss_term_added_in_the_step_reaches_the_total_the_history_and_the_log(tiny_voc, tmp_path, monkeypatch,
+                                                                               single_thread):
+    """The one place a term is added is core/step.py loss_terms; the trainer is not touched."""
+    original = core.step.loss_terms
+    weight = 0.25
+    seen = []
+
+    def with_extra_term(ctx, images, labels, labels_cpu, alpha_re):
+        terms, others = original(ctx, images, labels, labels_cpu, alpha_re)
+        extra = core.step.LossTerm("logit_norm_loss", weight, terms[0].value * 0 + images.float().abs().mean())
+        seen.append(([t.value.detach().clone() for t in terms] + [extra.value.detach().clone()], alpha_re))
+        return [*terms, extra], others
+
+    monkeypatch.setattr(core.step, "loss_terms", with_extra_term)
+    history = short_run(tiny_voc, tmp_path, ["--max_iterations", "2", "--print_ratio", "0.25"])
+    row = history["train"][-1]
+    names = list(row)
+    assert names.index("re_loss") + 1 == names.index("logit_norm_loss") < names.index("alpha_re")
+    (class_loss, p_class, re, extra), alpha_re = seen[-1]
+    assert row["logit_norm_loss"] == pytest.approx(float(extra), rel=1e-6)
+    total = class_loss + 0.5 * p_class + alpha_re * re + weight * extra
+    assert row["loss"] == pytest.approx(float(total), rel=1e-5)
+    log = (tmp_path / "logs" / "t.txt").read_text()
+    assert f"logit_norm {float(extra):.4f} alpha_re" in log
+
+
+def test_step_stats_read_by_name_and_by_position():
+    losses = {"loss": torch.tensor(3.0), "class_loss": torch.tensor(1.0), "p_class_loss": torch.tensor(2.0)}
+    stats = core.step.StepStats.of(losses, {"tasks_per_batch": torch.tensor(4.0)})
+    assert stats.loss_names == ("loss", "class_loss", "p_class_loss")
+    assert float(stats["tasks_per_batch"]) == 4.0 and stats[1:3].tolist() == [1.0, 2.0]
