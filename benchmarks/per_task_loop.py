@@ -5,7 +5,7 @@ The official cTopk-w script (method.md sections 2-3) takes the student's CAMs to
 map (rule B), then makes ONE patch-network call per task on its four nearest-resized quadrants,
 stitches the tile maps back with per-quadrant resizes and concatenations, and sums the losses
 task by task. `per_task_step` does exactly that with the project's networks and optimiser
-(a StepContext from core.step.build_step): each call under a one-call `bn_plan`, i.e. the same
+(a StepContext from core.step.build_step): each call with a one-call `bn_plan`, i.e. the same
 BatchNorm semantics as the batched step, so that both compute the same losses and updates and
 differ only in how the work is batched. The maps are upsampled with torch's bilinear rather than
 cv2's INTER_LINEAR (the same formula to about 1 ulp, method.md section 3), so that the keypoints
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from skimage.feature import peak_local_max
 
-from core.batchnorm import BNPlan, bn_plan
+from core.batchnorm import BNPlan
 from core.builder import make_cams
 from core.step import (
     StepContext,
@@ -91,8 +91,8 @@ def puzzle_terms(ctx: StepContext, images: torch.Tensor, features: torch.Tensor,
         up = F.interpolate(cams[image, cls][None, None], size=[height, width], mode="bilinear", align_corners=False)
         y, x = rule_b_keypoint(up[0, 0].numpy(), args.k, args.min_distance)
         tiles = quadrants(images[image], y, x)
-        with torch.no_grad(), torch.autocast(**ctx.autocast), bn_plan(ctx.bare_teacher, call):
-            tile_maps = teacher(tiles)[1].float()
+        with torch.no_grad(), torch.autocast(**ctx.autocast):
+            tile_maps = teacher(tiles, bn_plan=call)[1].float()
         rebuilt = stitch(tile_maps, y, x, tuple(features.shape[-2:]))
         target = torch.zeros(1, features.shape[1], device=features.device)
         target[0, cls] = 1.0
@@ -115,8 +115,8 @@ def per_task_step(ctx: StepContext, images: torch.Tensor, labels_cpu: torch.Tens
         group["lr"] = lr0 * factor
     images = device_images(images, ctx.device, ctx.channels_last)  # the loader's uint8 batches, as train_step
     labels = labels_cpu.to(ctx.device)
-    with torch.autocast(**ctx.autocast), bn_plan(ctx.bare_student, student_plan(args, images.shape[0])):
-        logits, features = ctx.student(images)
+    with torch.autocast(**ctx.autocast):
+        logits, features = ctx.student(images, bn_plan=student_plan(args, images.shape[0]))
         class_loss = classification_loss(logits.float(), labels)
     p_class, re, count = puzzle_terms(ctx, images, features, labels_cpu)
     p_class, re = p_class / max(count, 1), re / max(count, 1)

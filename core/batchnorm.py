@@ -5,13 +5,13 @@ patch network once per task) under `nn.DataParallel` over 4 GPUs. Each call's ba
 with `torch.chunk` into one chunk per GPU: every chunk was normalised with its own statistics,
 and only the first chunk (the replica sharing the module's buffers) updated the running
 statistics. We run all calls of an iteration as one batched forward, so a `BNPlan` tells every
-BatchNorm how the batch splits into the reference's calls and chunks (method.md section 6).
+BatchNorm how the batch splits into the reference's calls and chunks (method.md section 6). The plan
+is an argument of each call: the step passes it to the model (`Classifier.forward(images, bn_plan)`),
+and the model hands it to each GroupedBatchNorm2d and to the CSI head.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,15 +57,12 @@ def fold_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, me
 
 
 class GroupedBatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d that follows `bn_plan` in training mode (None: one call, one chunk, i.e. plain BN).
-
-    Same parameters, buffers and state-dict keys as nn.BatchNorm2d; evaluation is unchanged.
+    """nn.BatchNorm2d that follows the `bn_plan` of its call in training mode (None: one call, one chunk,
+    i.e. plain BN). Same parameters, buffers and state-dict keys as nn.BatchNorm2d; evaluation is unchanged.
     """
 
-    bn_plan: BNPlan | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self.bn_plan
+    def forward(self, x: torch.Tensor, bn_plan: BNPlan | None = None) -> torch.Tensor:
+        plan = bn_plan
         n = x.shape[0]
         if not self.training or plan is None or (plan.update_stats and plan.group_size >= n and plan.call_size >= n):
             return super().forward(x)
@@ -109,17 +106,3 @@ def to_grouped_batchnorm(module: nn.Module) -> nn.Module:
         else:
             to_grouped_batchnorm(child)
     return module
-
-
-@contextlib.contextmanager
-def bn_plan(module: nn.Module, plan: BNPlan | None) -> Iterator[None]:
-    """Set `plan` on every module below `module` that follows one (GroupedBatchNorm2d, the CSI head)."""
-    targets = [m for m in module.modules() if hasattr(m, "bn_plan")]
-    saved = [m.bn_plan for m in targets]
-    for m in targets:
-        m.bn_plan = plan
-    try:
-        yield
-    finally:
-        for m, old in zip(targets, saved):
-            m.bn_plan = old

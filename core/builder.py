@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
 
-from core.batchnorm import to_grouped_batchnorm
+from core.batchnorm import BNPlan, GroupedBatchNorm2d, to_grouped_batchnorm
 from core.csi import CSIHead
 from tools.demo_backbone import demo_backbone_state
 from tools.errors import UserError
@@ -106,7 +106,8 @@ class Classifier(nn.Module):
 
     head "csi" (OASS): each class is scored through its Class-Specific Instance, the backbone map
     masked by that class's CAM (core/csi.py). head "gap" (the baselines): logits = GAP(class maps).
-    forward returns (logits B x C, raw class maps B x C x H/16 x W/16).
+    forward returns (logits B x C, raw class maps B x C x H/16 x W/16); its `bn_plan` (core/batchnorm.py)
+    reaches every BatchNorm of the call, None: plain BatchNorm over the whole batch.
     """
 
     def __init__(self, architecture: str = "resnet50", num_classes: int = 20, mode: str = "normal",
@@ -135,12 +136,38 @@ class Classifier(nn.Module):
         nn.init.kaiming_normal_(self.head.weight)
         self.csi = CSIHead(channels, num_classes) if head == "csi" else None
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.backbone(images)
+    def forward(self, images: torch.Tensor, bn_plan: BNPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = backbone_features(self.backbone, images, bn_plan)
         features = self.head(x)
         if self.csi is None:
             return features.mean(dim=(2, 3)), features
-        return self.csi(x, make_cams(features)), features
+        return self.csi(x, make_cams(features), bn_plan), features
+
+
+def normalise(norm: nn.Module, x: torch.Tensor, bn_plan: BNPlan | None) -> torch.Tensor:
+    return norm(x, bn_plan) if isinstance(norm, GroupedBatchNorm2d) else norm(x)
+
+
+def residual_block(block: tvm.resnet.BasicBlock | tvm.resnet.Bottleneck, x: torch.Tensor,
+                   bn_plan: BNPlan | None) -> torch.Tensor:
+    """torchvision's BasicBlock / Bottleneck forward, step for step, with the plan passed to each BatchNorm."""
+    out = block.relu(normalise(block.bn1, block.conv1(x), bn_plan))
+    out = normalise(block.bn2, block.conv2(out), bn_plan)
+    if isinstance(block, tvm.resnet.Bottleneck):
+        out = normalise(block.bn3, block.conv3(block.relu(out)), bn_plan)
+    identity = x if block.downsample is None else normalise(block.downsample[1], block.downsample[0](x), bn_plan)
+    out += identity
+    return block.relu(out)
+
+
+def backbone_features(backbone: nn.Sequential, images: torch.Tensor, bn_plan: BNPlan | None) -> torch.Tensor:
+    """The backbone's layer4 map: stem (conv, BatchNorm, ReLU, max-pool), then the residual blocks."""
+    conv, norm, relu, maxpool, *layers = backbone
+    x = maxpool(relu(normalise(norm, conv(images), bn_plan)))
+    for layer in layers:
+        for block in layer:
+            x = residual_block(block, x, bn_plan)
+    return x
 
 
 def classifier_from_config(config: dict, num_classes: int = 20, pretrained: str = "none") -> Classifier:

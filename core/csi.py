@@ -109,12 +109,10 @@ class CSIHead(nn.Module):
     Parameters, stacked over classes (row v = class v): `weight` (V, C) BatchNorm gamma and
     `conv_weight` (V, C) the 1x1 conv (both "scratch weights"), `bias` (V, C) BatchNorm beta
     ("scratch bias"). Buffers as nn.BatchNorm2d: `running_mean`, `running_var` (V, C),
-    `num_batches_tracked`. In training mode with a `bn_plan` (core.batchnorm), every contiguous
+    `num_batches_tracked`. In training mode with a `bn_plan` argument (core.batchnorm), every contiguous
     group of `group_size` samples is normalised with its own statistics and the running statistics
     are folded in from the first group of each call, calls in order.
     """
-
-    bn_plan: BNPlan | None = None
 
     def __init__(self, channels: int, num_classes: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__()
@@ -132,7 +130,7 @@ class CSIHead(nn.Module):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_classes={self.num_classes}, eps={self.eps}, momentum={self.momentum}"
 
-    def forward(self, x: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cams: torch.Tensor, bn_plan: BNPlan | None = None) -> torch.Tensor:
         """x: (B, C, h, w) features, cams: (B, V, h, w) class maps (gradient kept) -> logits (B, V), float32."""
         self._check_shapes(x, cams)
         batch, _, height, width = x.shape
@@ -143,7 +141,7 @@ class CSIHead(nn.Module):
             masks = cams.float().flatten(2)  # (B, V, hw)
             first, second = MaskedMoments.apply(features, masks, self.training)  # P, Q: (B, V, C)
             if self.training:
-                mean, var, group_size = self._batch_statistics(first, second, pixels)
+                mean, var, group_size = self._batch_statistics(first, second, pixels, bn_plan)
             else:
                 mean, var, group_size = self.running_mean[None], self.running_var[None], batch
             return self._logits(first, mean.to(STATS_DTYPE), var.to(STATS_DTYPE), group_size, pixels)
@@ -155,18 +153,18 @@ class CSIHead(nn.Module):
         if tuple(cams.shape) != expected:
             raise ValueError(f"CSIHead expects cams of shape {expected}, got {tuple(cams.shape)}")
 
-    def _group_size(self, batch: int) -> int:
-        plan = self.bn_plan
+    @staticmethod
+    def _group_size(batch: int, plan: BNPlan | None) -> int:
         if plan is None or (plan.group_size >= batch and plan.call_size >= batch):
             return batch
         plan.check(batch)
         return plan.group_size
 
-    def _batch_statistics(self, first: torch.Tensor, second: torch.Tensor,
-                          pixels: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _batch_statistics(self, first: torch.Tensor, second: torch.Tensor, pixels: int,
+                          plan: BNPlan | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per-group mean and biased variance (groups, V, C) of x * cam_v; folds the running statistics."""
         batch = first.shape[0]
-        group_size = self._group_size(batch)
+        group_size = self._group_size(batch, plan)
         count = group_size * pixels  # M: values per (group, class, channel)
         if count == 1:
             raise ValueError("CSIHead: BatchNorm needs more than one value per channel in training "
@@ -177,15 +175,15 @@ class CSIHead(nn.Module):
         mean = moment1 / count
         # clamp: rounding can leave a tiny negative where the variance is 0 (e.g. an all-zero CAM)
         var = (moment2 / count - mean * mean).clamp_min(0.0)
-        if self.bn_plan is None or self.bn_plan.update_stats:
-            self._update_running_statistics(mean.detach(), var.detach(), batch, group_size, count)
+        if plan is None or plan.update_stats:
+            self._update_running_statistics(mean.detach(), var.detach(), batch, group_size, count, plan)
         return mean, var, group_size
 
     @torch.no_grad()
     def _update_running_statistics(self, mean: torch.Tensor, var: torch.Tensor, batch: int, group_size: int,
-                                   count: int) -> None:
+                                   count: int, plan: BNPlan | None) -> None:
         """As nn.BatchNorm2d (unbiased running variance), from the first group of each call, calls in order."""
-        call_size = batch if self.bn_plan is None or group_size == batch else self.bn_plan.call_size
+        call_size = batch if plan is None or group_size == batch else plan.call_size
         calls = batch // call_size
         firsts = torch.arange(calls, device=mean.device) * (call_size // group_size)
         unbiased = var[firsts] * (count / (count - 1))

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.batchnorm import BNPlan, bn_plan
+from core.batchnorm import BNPlan
 from core.builder import Classifier, make_cams, parameter_groups, poly_lr_factor
 from core.config import autocast_settings
 from core.puzzle import grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
@@ -199,11 +199,11 @@ def auto_patch_chunk(device: torch.device, num_tiles: int, tile_h: int, tile_w: 
 
 def patch_features(network: nn.Module, tiles: torch.Tensor, plan: BNPlan, chunk: int, no_grad: bool) -> torch.Tensor:
     """Class maps of all tiles, in chunks of `chunk` tiles (whole calls) when memory or speed needs it."""
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad), bn_plan(unwrap(network), plan):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not no_grad):
         if chunk <= 0 or tiles.shape[0] <= chunk:
-            return network(tiles)[1]
+            return network(tiles, bn_plan=plan)[1]
         chunk = max(plan.call_size, chunk // plan.call_size * plan.call_size)
-        return torch.cat([network(part)[1] for part in torch.split(tiles, chunk)])
+        return torch.cat([network(part, bn_plan=plan)[1] for part in torch.split(tiles, chunk)])
 
 
 def tile_maps_of_tasks(ctx: StepContext, images: torch.Tensor, image_index: torch.Tensor,
@@ -236,8 +236,8 @@ def loss_terms(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, lab
     A new term is one more LossTerm here: the total, the history and the log follow its name.
     """
     args = ctx.args
-    with torch.autocast(**ctx.autocast), bn_plan(ctx.bare_student, student_plan(args, images.shape[0])):
-        logits, features = ctx.student(images)
+    with torch.autocast(**ctx.autocast):
+        logits, features = ctx.student(images, bn_plan=student_plan(args, images.shape[0]))
         class_loss = classification_loss(logits.float(), labels)
     zero = class_loss.detach() * 0
     p_class_loss = re_loss = zero

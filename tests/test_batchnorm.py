@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from core.batchnorm import BNPlan, GroupedBatchNorm2d, bn_plan, fold_running_stats, to_grouped_batchnorm
+from core.batchnorm import BNPlan, GroupedBatchNorm2d, fold_running_stats, to_grouped_batchnorm
 from core.builder import Classifier
 
 
@@ -70,8 +70,7 @@ def test_layer_matches_literal_chunks(batch, call, gpus):
     x = (torch.randn(batch, 6, 5, 7) * 2 + 1).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     expected = literal_calls(literal, x, call, gpus)
-    with bn_plan(ours, BNPlan.for_calls(call, gpus)):
-        got = ours(x2)
+    got = ours(x2, BNPlan.for_calls(call, gpus))
     weights = torch.randn_like(expected)
     (expected * weights).sum().backward()
     (got * weights).sum().backward()
@@ -112,8 +111,7 @@ def test_no_plan_and_eval_are_plain_batchnorm():
     torch.testing.assert_close(ours(x), literal(x))
     torch.testing.assert_close(ours.running_var, literal.running_var)
     ours.eval(), literal.eval()
-    with bn_plan(ours, BNPlan(1, 2)):  # evaluation ignores the plan
-        torch.testing.assert_close(ours(x), literal(x))
+    torch.testing.assert_close(ours(x, BNPlan(1, 2)), literal(x))  # evaluation ignores the plan
 
 
 @pytest.mark.parametrize("head", ["gap", "csi"])
@@ -128,10 +126,8 @@ def test_whole_network_student_and_tile_calls(head, gpus):
     ours.double()
     literal = to_plain_batchnorm(copy.deepcopy(ours))
     images, tiles = torch.randn(8, 3, 64, 64).double(), torch.randn(12, 3, 64, 64).double()
-    with bn_plan(ours, BNPlan(8 // gpus, 8)):
-        logits, features = ours(images)
-    with bn_plan(ours, BNPlan.for_calls(4, gpus)):
-        tile_logits, tile_maps = ours(tiles)
+    logits, features = ours(images, bn_plan=BNPlan(8 // gpus, 8))
+    tile_logits, tile_maps = ours(tiles, bn_plan=BNPlan.for_calls(4, gpus))
     expected_logits, expected_features = literal_call(literal, images, gpus)
     expected_tile_logits, expected_tile_maps = literal_calls(literal, tiles, 4, gpus)
     for got, want in ((logits, expected_logits), (features, expected_features), (tile_logits, expected_tile_logits),
@@ -159,10 +155,8 @@ def test_plan_without_statistics_normalises_the_same_and_keeps_the_running_stati
     randomise_bn(model, 6)
     tiles = torch.randn(8, 3, 64, 64)
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    with bn_plan(model, BNPlan.for_calls(4, 4, update_stats=False)):
-        frozen = model(tiles)
+    frozen = model(tiles, bn_plan=BNPlan.for_calls(4, 4, update_stats=False))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    with bn_plan(model, BNPlan.for_calls(4, 4)):
-        updating = model(tiles)
+    updating = model(tiles, bn_plan=BNPlan.for_calls(4, 4))
     torch.testing.assert_close(frozen, updating)
     assert not torch.equal(model.state_dict()["backbone.1.running_mean"], before["backbone.1.running_mean"])

@@ -6,13 +6,14 @@ nn.Conv2d(C, 1, 1, bias=False), exactly as the reference's Classifier.forward(wi
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.batchnorm import BNPlan, bn_plan
+from core.batchnorm import BNPlan
 from core.csi import CSIHead, MaskedMoments
 
 EPS = 1e-5
@@ -126,9 +127,9 @@ def assert_running_stats(head: CSIHead, literal: LiteralCSI) -> None:
 
 
 def compare(head: CSIHead, literal: LiteralCSI, x: torch.Tensor, cams: torch.Tensor, literal_forward=None,
-            floor: float = 1e-12) -> None:
+            floor: float = 1e-12, plan: BNPlan | None = None) -> None:
     upstream = torch.randn(x.shape[0], head.num_classes, generator=torch.Generator().manual_seed(7))
-    fused_logits, fused_grads = run(head, x, cams, upstream)
+    fused_logits, fused_grads = run(head, x, cams, upstream, partial(head, bn_plan=plan))
     literal_logits, literal_grads = run(literal, x, cams, upstream, literal_forward)
     assert fused_logits.dtype == torch.float32 and fused_logits.shape == literal_logits.shape
     assert_rel(fused_logits, literal_logits, what="logits")
@@ -196,28 +197,25 @@ def test_grouped_equals_literal_emulation(plan: BNPlan, batch: int) -> None:
     # sum_c w * beta and the gradients of x, cams and gamma vanish: the literal's are rounding noise
     # (up to ~1e-6 where an all-zero CAM divides it by sqrt(eps)), hence an absolute floor.
     floor = 1e-2 if plan.group_size == 1 else 1e-12
-    with bn_plan(head, plan):
-        compare(head, literal, x, cams, literal_forward=grouped_literal(literal, plan), floor=floor)
-        assert int(head.num_batches_tracked) == 3 + batch // plan.call_size
-        if plan.group_size == 1:
-            with torch.no_grad():
-                logits = head(x, cams)
-            assert torch.allclose(logits, (head.conv_weight * head.bias).sum(1).expand_as(logits), atol=1e-5)
+    compare(head, literal, x, cams, literal_forward=grouped_literal(literal, plan), floor=floor, plan=plan)
+    assert int(head.num_batches_tracked) == 3 + batch // plan.call_size
+    if plan.group_size == 1:
+        with torch.no_grad():
+            logits = head(x, cams, plan)
+        assert torch.allclose(logits, (head.conv_weight * head.bias).sum(1).expand_as(logits), atol=1e-5)
 
 
 def test_plan_covering_the_batch_is_plain_batchnorm() -> None:
     head, literal = make_pair(32, 4, True)
-    with bn_plan(head, BNPlan(8, 32)):  # a batch of 4 is one call, one chunk
-        compare(head, literal, *make_inputs(4, 32, 4))
-    with bn_plan(head, BNPlan(3, 6)), pytest.raises(ValueError, match="does not tile"):
-        head(*make_inputs(4, 32, 4))
+    compare(head, literal, *make_inputs(4, 32, 4), plan=BNPlan(8, 32))  # a batch of 4 is one call, one chunk
+    with pytest.raises(ValueError, match="does not tile"):
+        head(*make_inputs(4, 32, 4), BNPlan(3, 6))
 
 
 def test_eval_ignores_plan_and_keeps_running_stats() -> None:
     head, literal = make_pair(32, 4, False)
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    with bn_plan(head, BNPlan(1, 2)):
-        compare(head, literal, *make_inputs(4, 32, 4))
+    compare(head, literal, *make_inputs(4, 32, 4), plan=BNPlan(1, 2))
     for key, value in head.state_dict().items():
         assert torch.equal(value, before[key]), key
 

@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from test_batchnorm import literal_calls, randomise_bn  # noqa: E402
 from test_csi import literal_copy, make_inputs, randomise, stacked_literal_grads  # noqa: E402
 
-from core.batchnorm import BNPlan, GroupedBatchNorm2d, bn_plan  # noqa: E402
+from core.batchnorm import BNPlan, GroupedBatchNorm2d  # noqa: E402
 from core.config import parse_args  # noqa: E402
 from core.csi import CSIHead  # noqa: E402
 from core.runtime import Runtime  # noqa: E402
@@ -94,8 +94,7 @@ def test_grouped_batchnorm_equals_per_chunk_batchnorm_on_cuda():
         x = (torch.randn(batch, 6, 5, 7) * 2 + 1).to(CUDA).requires_grad_()
         x2 = x.detach().clone().requires_grad_()
         expected = literal_calls(literal, x, call, gpus)
-        with bn_plan(ours, BNPlan.for_calls(call, gpus)):
-            got = ours(x2)
+        got = ours(x2, BNPlan.for_calls(call, gpus))
         weights = torch.randn_like(expected)
         (expected * weights).sum().backward()
         (got * weights).sum().backward()
