@@ -152,7 +152,7 @@ def demo_batches(count: int, args: argparse.Namespace, runtime: Runtime) -> tupl
         data.sampler.set_epoch(epoch)
         batches += [item[:2] for _, item in zip(range(count - len(batches)), data.loader)]
         if len(batches) == count:
-            return batches, f"demo ({len(data.train_set)} images of {args.train_split} at {data.root})"
+            return batches, f"demo ({len(data.train_set)} images of {data.facts['train_split']} at {data.root})"
 
 
 def random_batches(count: int, args: argparse.Namespace, seed: int) -> tuple[list, str]:

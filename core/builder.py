@@ -1,6 +1,7 @@
 """The classifier: a torchvision ResNet at output stride 16 with a 1x1 CAM head."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -10,7 +11,6 @@ import torchvision.models as tvm
 
 from core.batchnorm import BNPlan, GroupedBatchNorm2d, to_grouped_batchnorm
 from core.csi import CSIHead
-from tools.demo_backbone import demo_backbone_state
 from tools.errors import UserError
 
 # name -> (constructor, ImageNet weights, channels of layer4)
@@ -55,19 +55,13 @@ def set_output_stride_16(resnet: tvm.ResNet) -> None:
         first.downsample[0].stride = (1, 1)
 
 
-def demo_architecture_message(architecture: str) -> str:
-    return (f"--pretrained demo is a resnet18 and cannot initialise --architecture {architecture}; pass "
-            "--architecture resnet18, or --pretrained imagenet, none or PATH")
-
-
-def load_backbone_weights(resnet: tvm.ResNet, architecture: str, pretrained: str) -> None:
-    """Load ImageNet weights through torchvision's weights API, or a local state dict file."""
-    if pretrained == "none":
+def load_backbone_weights(resnet: tvm.ResNet, architecture: str, pretrained: str | Mapping) -> None:
+    """Load ImageNet weights through torchvision's weights API, a local state dict file, or a state dict
+    given directly (the demo backbone: core/step.py build_model resolves --pretrained demo)."""
+    if isinstance(pretrained, Mapping):
+        state, pretrained = dict(pretrained), "(given weights)"
+    elif pretrained == "none":
         return
-    if pretrained == "demo":  # the demo's stand-in for ImageNet, pretrained once on a generated pretext set
-        if architecture != "resnet18":
-            raise UserError(demo_architecture_message(architecture))
-        state = demo_backbone_state()
     elif pretrained == "imagenet":
         weights = ARCHITECTURES[architecture][1]
         try:
@@ -111,7 +105,7 @@ class Classifier(nn.Module):
     """
 
     def __init__(self, architecture: str = "resnet50", num_classes: int = 20, mode: str = "normal",
-                 pretrained: str = "imagenet", head: str = "gap") -> None:
+                 pretrained: str | Mapping = "imagenet", head: str = "gap") -> None:
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise UserError(f"--architecture {architecture} is not supported; choose one of {', '.join(ARCHITECTURES)}")
@@ -170,10 +164,10 @@ def backbone_features(backbone: nn.Sequential, images: torch.Tensor, bn_plan: BN
     return x
 
 
-def classifier_from_config(config: dict, num_classes: int = 20, pretrained: str = "none") -> Classifier:
-    """The network a run's saved config describes (defaults of runs saved before a flag existed)."""
-    return Classifier(config.get("architecture", "resnet50"), num_classes=config.get("num_classes", num_classes),
-                      mode=config.get("mode", "fix"), pretrained=pretrained, head=config.get("head", "gap"))
+def classifier_from_config(config: dict, num_classes: int, pretrained: str = "none") -> Classifier:
+    """The network a run's saved config describes (its weights come from the checkpoint)."""
+    return Classifier(config["architecture"], num_classes=num_classes, mode=config["mode"], pretrained=pretrained,
+                      head=config["head"])
 
 
 def make_cams(features: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,15 @@ from collections.abc import Callable
 
 import torch
 
-from core.builder import ARCHITECTURES, BN_MODES, HEADS, demo_architecture_message
-from core.strategies import STRATEGIES
+from core.builder import ARCHITECTURES, BN_MODES, HEADS
+from core.plugins import load_plugins
+from core.strategies import KEYPOINT_DEFAULTS, STRATEGIES
 from tools.augment import AUGMENT_CHOICES
 from tools.datasets import DATASET_KINDS, DEFAULT_SPLITS
 from tools.demo_formats import DEMO_FORMATS
 from tools.errors import UserError
+
+load_plugins()  # the --strategy choices, and every tool that reads a run's strategy, include the plug-ins
 
 # --demo: each script's own recipe scaled down to a CPU. Kept from the script (its DEFAULTS): head, tile calls,
 # BatchNorm grouping (--reference_gpus 4), loss weights and their schedule; kept from the reference: SGD lr 0.1
@@ -33,6 +36,26 @@ DEMO_DEFAULTS = dict(
 SCRIPT_KEYS = ("description", "strategy", "demo_recipe")
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Settings(argparse.Namespace):
+    """The training flags, read-only once parse_args returns them: what a run derives from them (the dataset's
+    facts, --resume auto's answer) lives in the objects built from them (core/data.py RunData, core/trainer.py
+    Run), never written back here."""
+
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"the settings are read-only after parsing (tried to set {name}); "
+                             "use settings.replace(...) for a changed copy")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"the settings are read-only after parsing (tried to delete {name})")
+
+    def replace(self, **changes) -> Settings:
+        """A copy with `changes` (tests, benchmarks: one flag varied over a parsed recipe)."""
+        return Settings(**{**vars(self), **changes})
 
 
 def choose_device(name: str) -> torch.device:
@@ -105,7 +128,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _data_flags(a: Callable) -> None:
     """--data_dir, --demo, splits, workers."""
-    a("--data_dir", default=None, help="the dataset folder: VOC (holding JPEGImages/, Annotations/, or "
+    a("--data_dir", free=True, default=None, help="the dataset folder: VOC (holding JPEGImages/, Annotations/, or "
       "VOCdevkit/VOCyyyy under it), COCO (annotations/, train2014/, val2014/) or a list folder (classes.txt)")
     a("--dataset", default=None, choices=DATASET_KINDS, help="the dataset's format and protocol (default: "
       "detected from --data_dir's layout)")
@@ -122,8 +145,9 @@ def _data_flags(a: Callable) -> None:
       "for COCO and list data, none for VOC")
     a("--keep_unlabelled", action="store_true", help="COCO: keep the images without any annotation (the "
       "protocol leaves them out)")
-    a("--skip_bad_images", action="store_true", help="skip unreadable images with a warning instead of stopping")
-    a("--num_workers", type=num_workers_value, default="auto",
+    a("--skip_bad_images", free=True, action="store_true",
+      help="skip unreadable images with a warning instead of stopping")
+    a("--num_workers", free=True, type=num_workers_value, default="auto",
       help="DataLoader worker processes per process; auto: the CPUs this process may use, minus one for itself "
       "(split between the processes of a torchrun node, at most 8)")
 
@@ -147,7 +171,7 @@ def _recipe_flags(a: Callable) -> None:
     """Optimiser, schedule, sizes, augmentation, logging, seed, device."""
     a("--batch_size", type=int, default=32, help="images per optimizer step, over all GPUs/processes together")
     a("--max_epoch", type=int, default=15, help="epochs; the poly schedule spans them")
-    a("--max_iterations", type=int, default=None, help="stop after N iterations, then evaluate and save")
+    a("--max_iterations", free=True, type=int, default=None, help="stop after N iterations, then evaluate and save")
     a("--lr", type=float, default=0.1, help="base lr of the parameter groups: ResNet weights x1 (with weight "
       "decay), ResNet biases x2, the other weights (class-map conv, CSI head) x10 (with weight decay), biases x20")
     a("--wd", type=float, default=1e-4, help="weight decay")
@@ -165,9 +189,9 @@ def _recipe_flags(a: Callable) -> None:
       help="iterations per warm-up epoch; 661 is hard-coded in the reference (train_aug at batch 16)")
     a("--augment", default="", choices=list(AUGMENT_CHOICES),
       help="extra training augmentation of the reference: colorjitter, randaugment or both")
-    a("--print_ratio", type=float, default=0.1, help="log every print_ratio of an epoch")
+    a("--print_ratio", free=True, type=float, default=0.1, help="log every print_ratio of an epoch")
     a("--seed", type=int, default=0, help="seed of the weights and of every sample's augmentation")
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--device", free=True, default="auto", help="auto | cpu | cuda | cuda:N")
 
 
 def _oass_flags(a: Callable, defaults: dict) -> None:
@@ -179,26 +203,27 @@ def _oass_flags(a: Callable, defaults: dict) -> None:
     a("--alpha_schedule_re", type=float, default=0.5,
       help="fraction of training over which alpha_re ramps up (0: constant alpha_re)")
     a("--alpha_p", type=float, default=1.0, help="weight of the patch classification loss")
-    a("--alpha", type=float, default=None, help="Puzzle-CAM's name for --alpha_re")
-    a("--alpha_schedule", type=float, default=None, help="Puzzle-CAM's name for --alpha_schedule_re")
+    a("--alpha", free=True, type=float, default=None, help="Puzzle-CAM's name for --alpha_re")
+    a("--alpha_schedule", free=True, type=float, default=None, help="Puzzle-CAM's name for --alpha_schedule_re")
     a("--re_loss", default="L1_Loss", choices=["L1_Loss", "L2_Loss"])
     a("--re_loss_option", default="masking", choices=["masking", "none"],
       help="masking: re-construction error only on the task's target classes")
     a("--num_pieces", type=int, default=4, choices=[4], help="Puzzle-CAM flag; OASS always cuts into 4")
-    a("--k", type=int, default=5, help="peaks per class for the top-k strategies")
-    a("--min_distance", type=int, default=20, help="peak suppression radius in input pixels")
+    a("--k", type=int, default=KEYPOINT_DEFAULTS.k, help="peaks per class for the top-k strategies")
+    a("--min_distance", type=int, default=KEYPOINT_DEFAULTS.min_distance,
+      help="peak suppression radius in input pixels")
     a("--patch_bn_update", default="reference", choices=["reference", "off"],
       help="reference: tile calls through the student update its BatchNorm running statistics (Max, Puzzle-CAM); "
       "off: only its batch calls do")
     a("--tile_calls", default=None, choices=["task", "batch"],
       help="how tiles meet the patch network, which sets their BatchNorm statistics: task = one call of 4 "
       "tiles per task (OASS), batch = one call of all the batch's tiles (Puzzle-CAM) (default: the strategy's)")
-    a("--keypoint_rule", default="reference", choices=["reference", "clean"],
+    a("--keypoint_rule", default=KEYPOINT_DEFAULTS.keypoint_rule, choices=["reference", "clean"],
       help="reference: the official scripts' rules, quirks included; clean: float means, no 128-px filter")
     a("--alpha_ema", type=float, default=0.99, help="EMA teacher momentum (upper bound of the warm-up)")
     a("--patch_network", default=None, choices=["teacher", "student"],
       help="network the tiles go through (default: the strategy's)")
-    a("--patch_chunk", type=patch_chunk_value, default="auto",
+    a("--patch_chunk", free=True, type=patch_chunk_value, default="auto",
       help="tiles per forward of the patch network: auto (by device and tile size, core/step.py), 0 = all at "
       "once, N = N tiles (rounded down to whole tasks of 4)")
 
@@ -207,30 +232,48 @@ def _run_flags(a: Callable) -> None:
     """Speed, evaluation and outputs."""
     a("--amp", default="off", choices=["off", "bf16", "fp16"],
       help="autocast: bf16 on CPU or GPU, fp16 on CUDA only (with a GradScaler saved in the checkpoint)")
-    a("--accum_steps", type=int, default=1, help="micro-batches per optimizer step (batch_size is the total)")
+    a("--accum_steps", free=True, type=int, default=1,
+      help="micro-batches per optimizer step (batch_size is the total)")
     # evaluation and outputs
-    a("--eval_batch_size", type=int, default=None, help="validation batch (default: --batch_size)")
-    a("--tag", default=None, help="name of the run's logs and checkpoints (default: <architecture>@<strategy>, "
+    a("--eval_batch_size", free=True, type=int, default=None, help="validation batch (default: --batch_size)")
+    a("--tag", free=True, default=None,
+      help="name of the run's logs and checkpoints (default: <architecture>@<strategy>, "
       "demo@<strategy> under --demo)")
-    a("--output_dir", default="experiments", help="folder of logs/, data/, models/ and tensorboard/")
-    a("--save_every", type=int, default=0, help="also save the last checkpoint every N iterations (0: per epoch)")
-    a("--resume", nargs="?", const=True, default=False, type=resume_value, metavar="auto",
+    a("--output_dir", free=True, default="experiments", help="folder of logs/, data/, models/ and tensorboard/")
+    a("--save_every", free=True, type=int, default=0,
+      help="also save the last checkpoint every N iterations (0: per epoch)")
+    a("--resume", free=True, nargs="?", const=True, default=False, type=resume_value, metavar="auto",
       help="continue the run of --tag from <tag>_last.pth; --resume auto: continue when <tag>_last.pth exists, "
       "else start fresh (for requeued and restarted jobs, docs/cluster.md)")
-    a("--overwrite", action="store_true", help="start --tag over, replacing its outputs")
+    a("--overwrite", free=True, action="store_true", help="start --tag over, replacing its outputs")
 
 
 def build_parser(defaults: dict) -> argparse.ArgumentParser:
     p = OneLineParser(description=defaults.get("description"), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for add in (_data_flags, _network_flags, _recipe_flags):
-        add(p.add_argument)
-    _oass_flags(p.add_argument, defaults)
-    _run_flags(p.add_argument)
+    add = flag_adder(p)
+    for flags in (_data_flags, _network_flags, _recipe_flags):
+        flags(add)
+    _oass_flags(add, defaults)
+    _run_flags(add)
     p.set_defaults(**{k: v for k, v in defaults.items() if k not in SCRIPT_KEYS})
     return p
 
 
-def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namespace:
+def flag_adder(parser: argparse.ArgumentParser) -> Callable[..., argparse.Action]:
+    """parser.add_argument that also takes free=True: the flag may differ when a run resumes (core/recipe.py)."""
+    def add(*names: str, free: bool = False, **kwargs) -> argparse.Action:
+        action = parser.add_argument(*names, **kwargs)
+        action.free_on_resume = free
+        return action
+    return add
+
+
+def free_flags() -> tuple[str, ...]:
+    """The flags marked free=True where they are defined: they may differ when a run resumes (core/recipe.py)."""
+    return tuple(action.dest for action in build_parser({})._actions if getattr(action, "free_on_resume", False))
+
+
+def parse_args(defaults: dict, argv: list[str] | None = None) -> Settings:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(defaults)
     args = parser.parse_args(argv)
@@ -254,7 +297,12 @@ def parse_args(defaults: dict, argv: list[str] | None = None) -> argparse.Namesp
     if args.eval_batch_size is None:
         args.eval_batch_size = args.batch_size
     validate_args(args)
-    return args
+    return Settings(**vars(args))
+
+
+def demo_architecture_message(architecture: str) -> str:
+    return (f"--pretrained demo is a resnet18 and cannot initialise --architecture {architecture}; pass "
+            "--architecture resnet18, or --pretrained imagenet, none or PATH")
 
 
 def reference_gpus_advice(args: argparse.Namespace) -> str:

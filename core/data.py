@@ -58,23 +58,22 @@ class EpochBatchSampler:
                 yield [(int(order[p]), self.sample_seed(p)) for p in positions]
 
 
-def resolve_data_root(args: argparse.Namespace, runtime: Runtime) -> Path:
-    """The dataset folder (the demo set built first for --demo); sets args.dataset to its kind."""
+def resolve_data_root(args: argparse.Namespace, runtime: Runtime) -> tuple[str, Path]:
+    """The dataset's kind and folder (the demo set built first for --demo)."""
     if not args.demo:
-        args.dataset, root = resolve_dataset(args.data_dir, args.dataset)
-        return root
+        return resolve_dataset(args.data_dir, args.dataset)
     root = Path(args.data_dir) if args.data_dir else default_demo_root(args.demo)
     if runtime.is_main:
         generate_demo(args.demo, root)
     if runtime.distributed:
         dist.barrier()
-    args.dataset, root = resolve_dataset(root, args.dataset or DEMO_DATASETS[args.demo])
-    return root
+    return resolve_dataset(root, args.dataset or DEMO_DATASETS[args.demo])
 
 
 @dataclass
 class RunData:
-    """The two splits of a run, their loaders' inputs and the validation targets."""
+    """The two splits of a run, their loaders' inputs and the validation targets; built once from the
+    settings, with the facts the dataset decides (its kind, split names, classes, validation resize)."""
 
     root: Path
     train_set: MultiLabelImages
@@ -87,35 +86,40 @@ class RunData:
     class_names: tuple[str, ...] = VOC_CLASSES
     notes: list[str] = field(default_factory=list)  # facts for the log (e.g. COCO images left out)
     val_names: list[str] = field(default_factory=list)  # per validation image: its id (VOC) or file name
+    facts: dict = field(default_factory=dict)  # the settings the dataset resolves: dataset, splits, eval_resize
+
+    def resolved_settings(self) -> dict:
+        """What the run records beside its flags: the flags' resolved values, then the dataset's classes."""
+        return {**self.facts, "num_classes": len(self.class_names), "class_names": list(self.class_names)}
 
 
 def build_data(args: argparse.Namespace, runtime: Runtime) -> RunData:
     """Datasets, sampler and loader; every input problem is reported here, before anything is written."""
-    root = resolve_data_root(args, runtime)
-    default_train, default_val = default_splits(args.dataset)
-    args.train_split, args.val_split = args.train_split or default_train, args.val_split or default_val
-    train_split, val_split = (open_dataset(args.dataset, root, name, keep_unlabelled=args.keep_unlabelled)
-                              for name in (args.train_split, args.val_split))
+    dataset, root = resolve_data_root(args, runtime)
+    default_train, default_val = default_splits(dataset)
+    train_name, val_name = args.train_split or default_train, args.val_split or default_val
+    train_split, val_split = (open_dataset(dataset, root, name, keep_unlabelled=args.keep_unlabelled)
+                              for name in (train_name, val_name))
     if train_split.class_names != val_split.class_names:
-        raise UserError(f"splits '{args.train_split}' and '{args.val_split}' of {root} list different classes "
+        raise UserError(f"splits '{train_name}' and '{val_name}' of {root} list different classes "
                         f"({train_split.num_classes} and {val_split.num_classes}); use the same category list")
-    # the head's size and the names in logs, history and tools come from the dataset
-    args.num_classes, args.class_names = train_split.num_classes, list(train_split.class_names)
-    if args.eval_resize == "auto":  # VOC keeps the reference protocol; COCO's images exceed 448 px
-        args.eval_resize = "none" if args.dataset.startswith("voc") else "fit"
+    eval_resize = args.eval_resize
+    if eval_resize == "auto":  # VOC keeps the reference protocol; COCO's images exceed 448 px
+        eval_resize = "none" if dataset.startswith("voc") else "fit"
+    facts = {"dataset": dataset, "train_split": train_name, "val_split": val_name, "eval_resize": eval_resize}
     # packed: workers crop and pad in uint8, the step normalises on the device (core/step.py, device_images)
     transform = TrainTransform(args.image_size, args.min_image_size, args.max_image_size, augment=args.augment,
                                packed=True)
     train_set = dataset_images(train_split, transform, args.skip_bad_images)
-    val_set = dataset_images(val_split, EvalTransform(args.image_size, args.eval_resize == "fit"),
+    val_set = dataset_images(val_split, EvalTransform(args.image_size, eval_resize == "fit"),
                              args.skip_bad_images)
     sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, runtime.rank, runtime.world_size,
                                 args.accum_steps)
     if sampler.iterations_per_epoch < 1:
-        raise UserError(f"split '{args.train_split}' has {len(train_set)} images, fewer than --batch_size "
+        raise UserError(f"split '{train_name}' has {len(train_set)} images, fewer than --batch_size "
                         f"{args.batch_size}; lower --batch_size")
     workers = loader_workers(args.num_workers)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
                         pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0)
     return RunData(root, train_set, val_set, val_split.labels, val_split.ignore, val_split.boxes, sampler, loader,
-                   train_split.class_names, train_split.notes + val_split.notes, list(val_split.names))
+                   train_split.class_names, train_split.notes + val_split.notes, list(val_split.names), facts)

@@ -24,9 +24,11 @@ THRESHOLD_KEYS = (*THRESHOLD_METRICS, *(f"{name}_top3" for name in THRESHOLD_MET
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset, indices: list[int], args: argparse.Namespace, runtime: Runtime,
-            autocast: dict, desc: str, boxes: list[np.ndarray] | None = None) -> tuple[np.ndarray, HitTally | None]:
+            autocast: dict, desc: str, num_classes: int,
+            boxes: list[np.ndarray] | None = None) -> tuple[np.ndarray, HitTally | None]:
     """Logits of `indices` (in that order) with the evaluation transform; with `boxes` (per dataset image),
-    also the pointing game and keypoint hits of the same forward's CAMs (None without)."""
+    also the pointing game and keypoint hits of the same forward's CAMs (None without). `args`: the training
+    settings (eval_batch_size, num_workers, k, min_distance, keypoint_rule)."""
     model.eval()
     batches = [indices[i:i + args.eval_batch_size] for i in range(0, len(indices), args.eval_batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=loader_workers(args.num_workers),
@@ -43,9 +45,9 @@ def predict(model: nn.Module, dataset, indices: list[int], args: argparse.Namesp
         if tally is not None:
             score_localisation(tally, make_cams(features.float()), labels.to(runtime.device),
                                [boxes[i] for i in used.tolist()], tuple(images.shape[-2:]), args.k, args.min_distance,
-                               getattr(args, "keypoint_rule", "reference"))
+                               args.keypoint_rule)
     model.train()
-    empty = np.zeros((0, getattr(args, "num_classes", 20)), np.float32)
+    empty = np.zeros((0, num_classes), np.float32)
     return (torch.cat(scores).numpy() if scores else empty), tally
 
 
@@ -56,7 +58,7 @@ def evaluate(model: nn.Module, dataset, targets: np.ndarray, ignore: np.ndarray,
     hit rates (core/localisation.py)."""
     n = len(dataset)
     shard = list(range(runtime.rank, n, runtime.world_size))
-    scores, tally = predict(model, dataset, shard, args, runtime, autocast, desc, boxes)
+    scores, tally = predict(model, dataset, shard, args, runtime, autocast, desc, targets.shape[1], boxes)
     if runtime.distributed:
         gathered = [None] * runtime.world_size
         dist.all_gather_object(gathered, (shard, scores, tally))

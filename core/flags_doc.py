@@ -38,7 +38,7 @@ def flags_of(fn: Callable) -> list[str]:
     """The option strings that `fn` adds, recorded on a scratch parser (the same calls build_parser makes)."""
     scratch = argparse.ArgumentParser(add_help=False)
     extra = [{}] if len(inspect.signature(fn).parameters) > 1 else []  # _oass_flags(a, defaults)
-    fn(scratch.add_argument, *extra)
+    fn(config.flag_adder(scratch), *extra)
     return [action.option_strings[0] for action in scratch._actions]
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from core.builder import Classifier, classifier_from_config, make_cams
 from core.keypoints import upsample_maps
-from core.recipe import RUN_DEFINING_FLAGS
+from core.recipe import RUN_DEFINING_FLAGS, flag_defaults
 from tools.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, long_side_size
 from tools.checkpoint import load_checkpoint_and_hash
 from tools.datasets import SplitData, dataset_family, default_splits, detect_dataset, open_dataset, resolve_dataset
@@ -118,7 +118,9 @@ def run_class_names(config: dict) -> tuple[str, ...]:
 
 def build_classifier(config: dict, state: dict, device: torch.device) -> Classifier:
     """The run's network rebuilt from its config (no ImageNet download) with `state` loaded, in eval mode."""
-    model = classifier_from_config(config, num_classes=len(run_class_names(config)))
+    # a flag the config does not record counts as its default, the parser's (as --resume counts it)
+    recorded = {**flag_defaults(bool(config.get("demo"))), **config}
+    model = classifier_from_config(recorded, num_classes=len(run_class_names(config)))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from core.keypoints import upsample_maps
+from core.plugins import load_plugins
 from core.strategies import STRATEGIES, build_tasks, task_pairs
 from tools.cam_metrics import HitTally, argmax_points, score_points
 
@@ -28,14 +29,9 @@ def display_names() -> dict[str, str]:
     return {POINTING_GAME: "pointing game", **{name: STRATEGIES[name].title for name in keypoint_strategies()}}
 
 
-def __getattr__(name: str) -> object:
-    # KEYPOINT_STRATEGIES / DISPLAY_NAMES are read from the registry when asked for, not frozen at import,
-    # so a strategy registered after this module was imported still counts.
-    if name == "KEYPOINT_STRATEGIES":
-        return keypoint_strategies()
-    if name == "DISPLAY_NAMES":
-        return display_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+load_plugins()
+KEYPOINT_STRATEGIES = keypoint_strategies()  # the strategies at import; keypoint_strategies() reads the registry now
+DISPLAY_NAMES = display_names()
 
 
 def class_boxes(boxes: np.ndarray, classes: Sequence[int]) -> np.ndarray:

@@ -64,21 +64,20 @@ def fault_hook(rank: int, iteration: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def resolve_resume(args: argparse.Namespace, files: RunFiles) -> str:
-    """--resume auto becomes --resume when <tag>_last.pth exists, else a fresh start (args.resume: a bool
-    again, as configs record it). Returns the log line of a fresh start over earlier outputs ("" otherwise):
-    a run killed before its first save left a log but nothing to continue."""
+def resolve_resume(args: argparse.Namespace, files: RunFiles) -> tuple[bool, str]:
+    """Whether the run continues <tag>_last.pth (--resume auto: when it exists), and the log line of a
+    fresh start over earlier outputs ("" otherwise): a run killed before its first save left a log but
+    nothing to continue. The config records the bool."""
     if args.resume != "auto":
-        return ""
+        return args.resume, ""
     last, best = files.checkpoint("last"), files.checkpoint("best")
-    args.resume = last.exists()
-    if args.resume:
-        return ""
+    if last.exists():
+        return True, ""
     if best.exists():  # a checkpoint without its last: refuse rather than drop or guess
         raise UserError(f"--resume auto: {best} exists but {last} does not, so there is no state to continue; "
                         f"pass --overwrite to start --tag {args.tag} over, or choose another --tag")
     found = files.existing()
     if not found:
-        return ""
-    return (f"# --resume auto: no checkpoint of --tag {args.tag} to continue (a run stopped before its first "
-            f"save); started over, replacing {', '.join(str(p) for p in found)}")
+        return False, ""
+    return False, (f"# --resume auto: no checkpoint of --tag {args.tag} to continue (a run stopped before its "
+                   f"first save); started over, replacing {', '.join(str(p) for p in found)}")

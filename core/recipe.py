@@ -1,11 +1,12 @@
 """Which flags define a run's result, and the check that `--resume` continues the same recipe.
 
 A checkpoint records the flags it was trained with (its `config`) and the script that trained it.
-`--resume` compares them with the current ones and refuses, in one line, any change that would
-make the finished run a mix of two recipes. Only the flags in FREE_FLAGS may differ: where files
-are, how many workers load them, how often to log or save, and two memory knobs (see below).
-Every other flag is compared, including ones added after this list was written (conservative);
-RUN_DEFINING_FLAGS names the known ones for the README and the tests.
+`--resume` compares them with the current ones through `recipe_changes` and refuses, in one line, any
+change that would make the finished run a mix of two recipes. Only the flags defined with free=True in
+core/config.py may differ: where files are, how many workers load them, how often to log or save, and
+two memory knobs (accum_steps and patch_chunk split the same batch into smaller forwards: the result
+changes by float summation order only, and the change is recorded in the history's "resumes"). Every
+other flag is compared, including ones added later.
 """
 from __future__ import annotations
 
@@ -13,30 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.config import DEMO_DEFAULTS, build_parser, free_flags
 from core.strategies import STRATEGIES
 from tools.errors import UserError
 
-RUN_DEFINING_FLAGS = (
-    # what is trained, on which data
-    "strategy", "architecture", "mode", "pretrained", "head", "dataset", "demo", "train_split", "val_split",
-    "keep_unlabelled", "eval_resize",
-    # the optimisation: the poly schedule spans max_epoch epochs, so max_epoch is part of every lr
-    "batch_size", "max_epoch", "lr", "wd", "momentum", "nesterov", "warmup_epoch", "seed", "amp", "clip_grad_norm",
-    # the inputs
-    "image_size", "min_image_size", "max_image_size", "augment",
-    # the OASS tasks and their losses
-    "alpha_re", "alpha_schedule_re", "alpha_p", "alpha_ema", "re_loss", "re_loss_option", "num_pieces", "k",
-    "min_distance", "keypoint_rule", "patch_network", "tile_calls", "reference_gpus",
-)
-# May differ on --resume. accum_steps and patch_chunk only split the same batch into smaller
-# forwards to fit memory (same images per step, same schedule): the result changes by float
-# summation order only, and the change is recorded in the history's "resumes". amp is not here: it
-# changes every activation's precision, and fp16's GradScaler state does not carry across modes.
-FREE_FLAGS = (
-    "num_workers", "device", "print_ratio", "output_dir", "save_every", "eval_batch_size", "tag", "resume",
-    "overwrite", "skip_bad_images", "data_dir", "max_iterations", "accum_steps", "patch_chunk",
-    "alpha", "alpha_schedule",  # Puzzle-CAM's aliases: their values are compared as alpha_re / alpha_schedule_re
-)
+FREE_FLAGS = free_flags()
+# every other flag: the recipe that tools print beside a checkpoint, led by what is trained (the parser's order)
+_COMPARED = [action.dest for action in build_parser({})._actions if action.dest not in ("help", *FREE_FLAGS)]
+RUN_DEFINING_FLAGS = ("strategy", "architecture", *(name for name in _COMPARED if name not in ("strategy",
+                                                                                             "architecture")))
 NOT_RECORDED = ("tag", "resume", "overwrite", "output_dir")  # differences not worth a "resumes" entry
 REASONS = {
     "max_epoch": "the poly lr schedule spans max_epoch epochs; use --max_iterations N to stop earlier",
@@ -52,8 +38,6 @@ def current_script() -> str:
 def flag_defaults(demo: bool) -> dict:
     """Every flag's default (the --demo recipe's when `demo`): a flag that a checkpoint does not
     record did not exist yet, and the run behaved as its default."""
-    from core.config import DEMO_DEFAULTS, build_parser  # config imports the strategies; keep this module light
-
     parser = build_parser({})
     if demo:
         parser.set_defaults(**DEMO_DEFAULTS)

@@ -24,6 +24,7 @@ from core.puzzle import grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_ti
 from core.runtime import Runtime, unwrap, wrap_for_devices
 from core.strategies import STRATEGIES, Strategy, build_tasks
 from tools.augment import PackedImages, normalize_packed
+from tools.demo_backbone import demo_backbone_state
 
 # --patch_chunk auto. A tile's largest activation in the patch network: the stem's 64 channels at half
 # the tile's side (a Bottleneck layer1's 256 channels at a quarter of it hold as many values).
@@ -146,7 +147,10 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.S
 
 
 def build_model(args: argparse.Namespace, num_classes: int = 20) -> Classifier:
-    return Classifier(args.architecture, num_classes=num_classes, mode=args.mode, pretrained=args.pretrained,
+    # --pretrained demo: the demo's stand-in for ImageNet (tools/demo_backbone.py), resolved here so that the
+    # model itself knows only weights
+    pretrained = demo_backbone_state() if args.pretrained == "demo" else args.pretrained
+    return Classifier(args.architecture, num_classes=num_classes, mode=args.mode, pretrained=pretrained,
                       head=args.head)
 
 

@@ -6,17 +6,16 @@ labels as target; channel-wise ones (the Class-Specific Instances) make one task
 
 A strategy is one registered `Strategy` object: its keypoint function, how its tasks are formed, its
 display name and its marker in visualize_cams.py. The built-in ones are registered below. A plug-in
-strategy is one file in the repo's `strategies/` folder that calls `register_strategy` when imported;
-every such file is imported at the end of this module, so training (`--strategy` choices), the hit
-rates (core/localisation.py), visualize_cams.py and the tools that read a run's strategy from its
-checkpoint all see it without any edit here (docs/extending.md).
+strategy is one file in the repo's `strategies/` folder that imports this module and calls
+`register_strategy`; core/plugins.py imports every such file, explicitly, before the registry is read
+(core/config.py for the `--strategy` choices and every tool, core/localisation.py for the hit rates), so
+training, the hit rates, visualize_cams.py and the tools that read a run's strategy from its checkpoint
+all see it without any edit here (docs/extending.md). This module imports no plug-in: no import cycle.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,10 @@ class KeypointContext:
     keypoint_rule: str  # --keypoint_rule: reference | clean
     radius: int  # cTopk's distance filter in input pixels (128 at 512 px)
 
+
+# the keypoint flags' defaults (--k, --min_distance, --keypoint_rule; the parser reads them from here) and the
+# reference's cTopk radius at its 512 px
+KEYPOINT_DEFAULTS = KeypointContext(k=5, min_distance=20, keypoint_rule="reference", radius=128)
 
 # (N, H, W) float maps upsampled to the input size -> (N, 2) long (y, x) cuts, each in [1, size - 1]
 KeypointFunction = Callable[[Tensor, KeypointContext], Tensor]
@@ -148,8 +151,9 @@ def task_pairs(labels_cpu: torch.Tensor, per_class: bool) -> tuple[torch.Tensor,
 
 
 def build_tasks(strategy: Strategy, cams: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
-                image_size: tuple[int, int], k: int = 5, min_distance: int = 20,
-                keypoint_rule: str = "reference", radius: int = 128) -> Tasks:
+                image_size: tuple[int, int], k: int = KEYPOINT_DEFAULTS.k,
+                min_distance: int = KEYPOINT_DEFAULTS.min_distance,
+                keypoint_rule: str = KEYPOINT_DEFAULTS.keypoint_rule, radius: int = KEYPOINT_DEFAULTS.radius) -> Tasks:
     """Tasks of a batch from its (detached) CAMs (B, C, h, w) and labels (B, C) on the CAMs' device.
 
     The keypoints are the cut positions themselves (core.keypoints' rules, `keypoint_rule`
@@ -175,22 +179,3 @@ def build_tasks(strategy: Strategy, cams: torch.Tensor, labels: torch.Tensor, la
     maps = upsample_maps(maps.float(), (height, width))
     keypoints = strategy.keypoints(maps, KeypointContext(k, min_distance, keypoint_rule, radius))
     return Tasks(image_index, keypoints, targets)
-
-
-# ----------------------------------------------------------------------------- plug-ins
-PLUGIN_FOLDER = Path(__file__).resolve().parents[1] / "strategies"
-
-
-def load_plugins(folder: Path = PLUGIN_FOLDER) -> list[str]:
-    """Import every `strategies/*.py` (not starting with _) as `strategies.<name>`; their imports register them.
-
-    The repo root is on sys.path wherever `core` itself is importable, so the package name resolves to
-    the same module that a plug-in's thin script imports (registering it once).
-    """
-    names = [f"{folder.name}.{path.stem}" for path in sorted(folder.glob("*.py")) if not path.stem.startswith("_")]
-    for name in names:
-        importlib.import_module(name)
-    return names
-
-
-load_plugins()

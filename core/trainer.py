@@ -36,8 +36,8 @@ def main(defaults: dict) -> None:
     run_cli(lambda: train(parse_args(defaults)))
 
 
-def describe_config(args: argparse.Namespace, extra: dict) -> str:
-    lines = ["# config"] + [f"{k}: {v}" for k, v in sorted(vars(args).items())]
+def describe_config(config: dict, extra: dict) -> str:
+    lines = ["# config"] + [f"{k}: {v}" for k, v in sorted(config.items())]
     lines += [f"{k}: {v}" for k, v in extra.items()]
     return "\n".join(lines)
 
@@ -54,18 +54,21 @@ class Run:
     """A training run's state between iterations: what a checkpoint holds, the logs, the meters."""
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime, data: RunData, files: RunFiles,
-                 ctx: StepContext) -> None:
+                 ctx: StepContext, resume: bool) -> None:
         self.args, self.runtime, self.data, self.files, self.ctx = args, runtime, data, files, ctx
+        self.resume = resume
+        # what checkpoints and the history record: the flags, with the values resolved by the data and --resume
+        self.config = {**vars(args), **data.resolved_settings(), "resume": resume}
         self.iters_per_epoch = data.sampler.iterations_per_epoch
         self.total = args.max_epoch * self.iters_per_epoch
         self.stop_at = min(self.total, args.max_iterations or self.total)
-        self.history = History(config=vars(args).copy())
+        self.history = History(config=self.config.copy())
         self.iteration, self.best_map = 0, -1.0
         self.window: StepStats | None = None  # the sum of the steps' stats since the last log line
         self.window_steps, self.window_start = 0, time.time()
         self.bad: torch.Tensor | None = None  # the first non-finite step: its iteration, then its stats (-1: none)
         self.wall_start = time.time()
-        self.log = Logger(files.log, runtime.is_main, append=args.resume)
+        self.log = Logger(files.log, runtime.is_main, append=resume)
         self.writer = None
 
     # ------------------------------------------------------------------------- checkpoints
@@ -74,12 +77,12 @@ class Run:
         script or recipe; the resume and the loaded file's hash are recorded in the history."""
         ctx, path = self.ctx, self.files.checkpoint("last")
         ckpt, sha = load_checkpoint_and_hash(path)
-        changed = check_resume(ckpt, vars(self.args), current_script(), path)
+        changed = check_resume(ckpt, self.config, current_script(), path)
         check_stop(ckpt["iteration"], self.stop_at, self.total, path)
         restore_states(ckpt, path, model=ctx.bare_student, teacher=ctx.bare_teacher, optimizer=ctx.optimizer,
                        scaler=ctx.scaler)
         self.iteration, self.best_map = ckpt["iteration"], ckpt["best_mAP"]
-        self.history = History.from_dict(ckpt["history"], config=vars(self.args).copy())
+        self.history = History.from_dict(ckpt["history"], config=self.config.copy())
         self.wall_start = time.time() - self.history.extra.get("wall_time", 0.0)
         set_rng_states(ckpt["rng"])
         self.record_checkpoint("last", sha)  # the file on disk; its own history could not hold its hash
@@ -93,7 +96,7 @@ class Run:
                 "teacher": teacher.state_dict() if teacher is not None else None,
                 "optimizer": ctx.optimizer.state_dict(), "scaler": ctx.scaler.state_dict(),
                 "iteration": self.iteration, "epoch": self.iteration / self.iters_per_epoch,
-                "best_mAP": float(self.best_map), "config": plain_values(vars(self.args)), "script": current_script(),
+                "best_mAP": float(self.best_map), "config": plain_values(self.config), "script": current_script(),
                 "history": plain_values(self.history.as_dict()), "rng": rng_states()}
 
     def record_checkpoint(self, which: str, sha: str) -> None:
@@ -135,15 +138,15 @@ class Run:
         if not self.runtime.is_main:
             return
         args, data, strategy = self.args, self.data, self.ctx.strategy
-        if args.resume:
+        if self.resume:
             resume = self.history.extra["resumes"][-1]
             changed = "".join(f"; {k} {old} → {new}" for k, (old, new) in resume["changed"].items())
             self.log(f"# resumed from {self.files.checkpoint('last')} at iteration {self.iteration} "
                      f"(sha256 {resume['checkpoint_sha256']}{changed})")
         else:
-            self.log(describe_config(args, {"data_root": data.root, "train_images": len(data.train_set),
-                                            "val_images": len(data.val_set), "world_size": self.runtime.world_size,
-                                            "device": self.runtime.device}))
+            self.log(describe_config(self.config, {
+                "data_root": data.root, "train_images": len(data.train_set), "val_images": len(data.val_set),
+                "world_size": self.runtime.world_size, "device": self.runtime.device}))
         self.log(f"# strategy {strategy.name}: {strategy.summary}; patch network: {args.patch_network}")
         self.log(f"# chance level of val mAP (mean AP of random scores): {chance:.2f}%")
         for note in data.notes:
@@ -285,16 +288,16 @@ def train(args: argparse.Namespace) -> dict:
     strategy = STRATEGIES[args.strategy]
     data = build_data(args, runtime)  # a wrong path or split is reported before anything is written
     files = RunFiles(Path(args.output_dir), args.tag)
-    start_over = resolve_resume(args, files)
+    resume, start_over = resolve_resume(args, files)
     if runtime.is_main:
-        files.prepare(args.resume, args.overwrite or bool(start_over))
-    run = Run(args, runtime, data, files, build_step(args, runtime, len(data.class_names)))
-    if args.resume:
+        files.prepare(resume, args.overwrite or bool(start_over))
+    run = Run(args, runtime, data, files, build_step(args, runtime, len(data.class_names)), resume)
+    if resume:
         run.restore()
     chance = chance_map(data.val_targets)
     run.history.extra.update({"chance_mAP": chance, "strategy_summary": strategy.summary,
                               "script": current_script(), "iterations_per_epoch": run.iters_per_epoch,
-                              "total_iterations": run.total, "dataset": args.dataset,
+                              "total_iterations": run.total, "dataset": data.facts["dataset"],
                               "class_names": list(data.class_names)})
     run.log_header(chance)
     if start_over:

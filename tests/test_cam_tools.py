@@ -215,7 +215,7 @@ def test_validation_reports_the_localisation_of_its_own_forward(made):
     model = Classifier("resnet18", mode="normal", pretrained="none").eval()
     dataset = VOCClassification(made.voc, made.split, EvalTransform(64))
     boxes = [np.array([[CLASS_INDEX[o.name], *o.box] for o in a.objects]) for a in made.split.annotations]
-    args = SimpleNamespace(eval_batch_size=4, num_workers=0, k=3, min_distance=4)
+    args = SimpleNamespace(eval_batch_size=4, num_workers=0, k=3, min_distance=4, keypoint_rule="reference")
     targets = labels_matrix(made.split)
     result = evaluate(model, dataset, targets, np.zeros_like(targets, bool), args, Runtime(torch.device("cpu")),
                       {"device_type": "cpu", "enabled": False}, boxes=boxes)

@@ -45,9 +45,9 @@ def test_cached_backbone_loads_into_torchvision_and_matches_its_card(tiny_demo_b
     model = tvm.resnet18(num_classes=card["num_classes"])
     model.load_state_dict(torch.load(weights, weights_only=True))  # strict: every key, torchvision's names
     # --pretrained demo puts exactly these weights into the classifier's backbone
-    from core.builder import Classifier
+    from core.step import build_model
 
-    net = Classifier("resnet18", pretrained="demo")
+    net = build_model(parse_args({}, ["--demo", "--architecture", "resnet18", "--pretrained", "demo"]))
     assert torch.equal(net.backbone[4][0].conv1.weight, model.layer1[0].conv1.weight)
 
 
@@ -259,7 +259,7 @@ def test_clip_grad_norm_bounds_the_step_and_is_off_by_default(monkeypatch):
     labels = torch.zeros(4, 20)
     labels[[0, 1, 2, 3, 3], [0, 5, 7, 7, 12]] = 1
     for clip in (0.0, 1e-3):
-        args.clip_grad_norm = clip
+        args = args.replace(clip_grad_norm=clip)
         torch.manual_seed(0)
         ctx = build_step(args, Runtime(torch.device("cpu")))
         original = ctx.optimizer.step

@@ -19,8 +19,18 @@ SHORT_RUN = ["--train_split", "main:train", "--val_split", "main:val", "--archit
              "80", "--batch_size", "4", "--num_workers", "0", "--lr", "0.01", "--min_distance", "8", "--max_iterations",
              "4", "--max_epoch", "1", "--reference_gpus", "2", "--seed", "0", "--print_ratio", "0.5"]
 CTOPK_W = {"strategy": "ctopk_w", "head": "csi", "alpha_re": 3.0, "alpha_schedule_re": 0.05, "alpha_p": 0.5}
-# sha256 of run_digest's text for SHORT_RUN, taken at commit db580f1 (before the refactor) with torch 2.x on CPU
-PINNED_DIGEST = "bf0c17c05c1d35dfaca735c90770c1d4a2eb4e7eeb57df62d48329a7b5f530bf"
+# the three recipes of the guard runs: cTopk-w; Max as its --demo trains it (GAP head, one tile call); the baseline
+GUARDED = {
+    "ctopk_w": (CTOPK_W, []),
+    "max": ({**CTOPK_W, "strategy": "max"}, ["--head", "gap", "--tile_calls", "batch"]),
+    "none": ({"strategy": "none", "head": "gap"}, []),
+}
+# sha256 of run_digest's text for SHORT_RUN, taken at commit db580f1 (before the refactor of issue 23), torch 2.x, CPU
+PINNED_DIGESTS = {
+    "ctopk_w": "bf0c17c05c1d35dfaca735c90770c1d4a2eb4e7eeb57df62d48329a7b5f530bf",
+    "max": "82436ac7edfb7addf5c92b679968c546938b8527023d58d0614481efc3fe96e6",
+    "none": "324f7985a329bd1e0009de28b7479e6351509bd16b2dc8bdfdb80f4f74d74228",
+}
 
 
 def run_digest(history: dict, scores_file) -> str:
@@ -34,16 +44,18 @@ def run_digest(history: dict, scores_file) -> str:
     return hashlib.sha256((text + json.dumps(arrays, sort_keys=True)).encode()).hexdigest()
 
 
-def short_run(tiny_voc, out, argv=()):
-    args = parse_args(CTOPK_W, ["--data_dir", str(tiny_voc), *SHORT_RUN, "--output_dir", str(out), "--tag", "t",
-                                *argv])
+def short_run(tiny_voc, out, argv=(), recipe="ctopk_w"):
+    defaults, flags = GUARDED[recipe]
+    args = parse_args(defaults, ["--data_dir", str(tiny_voc), *SHORT_RUN, *flags, "--output_dir", str(out),
+                                 "--tag", "t", *argv])
     return train(args)
 
 
-def test_a_short_run_computes_what_it_computed_before_the_refactor(tiny_voc, tmp_path, single_thread):
-    history = short_run(tiny_voc, tmp_path)
+@pytest.mark.parametrize("recipe", list(GUARDED))
+def test_a_short_run_computes_what_it_computed_before_the_refactor(recipe, tiny_voc, tmp_path, single_thread):
+    history = short_run(tiny_voc, tmp_path, recipe=recipe)
     assert [row["iteration"] for row in history["train"]] == [2, 4]
-    assert run_digest(history, tmp_path / "data" / "t_val_scores.npz") == PINNED_DIGEST
+    assert run_digest(history, tmp_path / "data" / "t_val_scores.npz") == PINNED_DIGESTS[recipe]
 
 
 def test_a_loss_term_added_in_the_step_reaches_the_total_the_history_and_the_log(tiny_voc, tmp_path, monkeypatch,
