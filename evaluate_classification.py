@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from core.builder import OUTPUT_STRIDE
-from core.config import AMP_DTYPES, OneLineParser, choose_device
-from core.config import autocast_settings as core_autocast_settings
+from core.config import OneLineParser
 from core.inspection import (
     LoadedRun,
     add_run_args,
@@ -37,7 +36,7 @@ from core.inspection import (
     open_run_split,
     safe_name,
 )
-from core.runtime import loader_workers
+from core.runtime import AMP_DTYPES, autocast_settings, choose_device, loader_workers
 from tools.augment import EvalTransform
 from tools.datasets import dataset_images
 from tools.errors import UserError, run_cli
@@ -76,7 +75,7 @@ def scaled_size(image_size: int, scale: float) -> int:
     return max(OUTPUT_STRIDE, round(image_size * scale / OUTPUT_STRIDE) * OUTPUT_STRIDE)
 
 
-def autocast_settings(amp: str, config: dict, device: torch.device) -> dict:
+def run_autocast(amp: str, config: dict, device: torch.device) -> dict:
     """torch.autocast kwargs; 'run' follows the run's --amp, except fp16 off CUDA (the trainer refuses it too)."""
     if amp == "run":
         amp = config.get("amp", "off")
@@ -84,7 +83,7 @@ def autocast_settings(amp: str, config: dict, device: torch.device) -> dict:
             amp = "off"
     elif amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
-    return core_autocast_settings(device, amp)
+    return autocast_settings(device, amp)
 
 
 @torch.no_grad()
@@ -196,7 +195,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     split = open_run_split(config, args.data_dir, args.split)  # refuses a split without annotations (VOC2012 test)
     split_name, root = split.split, split.root
     dataset = dataset_images(split, EvalTransform(config["image_size"], config.get("eval_resize") == "fit"))
-    autocast = autocast_settings(args.amp, config, device)
+    autocast = run_autocast(args.amp, config, device)
     scores = predict_split(run, dataset, args, device, autocast)
     result = ap_results(scores, split.labels, split.ignore, split.class_names)
     result |= {"tag": run.tag, "checkpoint": str(run.path), "network": run.network, "epoch": run.epoch,

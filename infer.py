@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.config import OneLineParser, choose_device
+from core.config import OneLineParser
 from core.inspection import (
     add_run_args,
     cam_overlay,
@@ -31,6 +31,7 @@ from core.inspection import (
     safe_name,
     save_png,
 )
+from core.runtime import choose_device
 from tools.errors import UserError, run_cli
 from tools.voc import VOC_CLASSES
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from core.builder import OUTPUT_STRIDE
-from core.config import AMP_DTYPES, OneLineParser, choose_device
+from core.config import OneLineParser
 from core.inspection import (
     LoadedRun,
     add_run_args,
@@ -39,8 +39,8 @@ from core.inspection import (
     load_run,
     make_folder,
 )
-from core.runtime import loader_workers
-from evaluate_classification import autocast_settings, parse_scales
+from core.runtime import AMP_DTYPES, choose_device, loader_workers
+from evaluate_classification import parse_scales, run_autocast
 from tools.augment import normalize
 from tools.cam_files import (
     METADATA_NAME,
@@ -193,7 +193,7 @@ def make_split_cams(args: argparse.Namespace) -> Path:
     workers = loader_workers(run.config.get("num_workers", 0)) if args.num_workers is None else args.num_workers
     loader = DataLoader(ScaledImages(root, split.ids, scales), batch_sampler=batches, num_workers=workers,
                         pin_memory=device.type == "cuda")
-    autocast = autocast_settings(args.amp, run.config, device)
+    autocast = run_autocast(args.amp, run.config, device)
     print("\n".join(describe_provenance(run)), flush=True)
     print(f"{run.tag} ({run.network}, {run.path}) on {split_name}: {len(todo)} of {len(split.ids)} images to do, "
           f"scales {','.join(f'{s:g}' for s in scales)} with flips, into {folder}")

@@ -5,9 +5,8 @@ Losses: core/step.py loss_terms (classification_loss, puzzle_losses and their we
 """
 from core.trainer import main
 
-# --demo only, a measured exception (README, Results): from the demo backbone the faithful Max stays at chance
-# (16.4% best val mAP, chance 14.5%), and so it does with each of --patch_bn_update off (17.2%), --tile_calls batch
-# (18.6%) and --head gap (14.8%) alone; with Puzzle-CAM's head and tile calls together it learns (46.4%).
+# --demo only: from the demo backbone the faithful Max stays at chance, and only Puzzle-CAM's head and tile calls
+# together let it learn (the measurements: README, Results).
 DEMO_RECIPE = {"head": "gap", "tile_calls": "batch"}
 DEFAULTS = {"description": __doc__, "strategy": "max", "head": "csi", "alpha_re": 3.0, "alpha_schedule_re": 0.05,
             "alpha_p": 0.5, "demo_recipe": DEMO_RECIPE}

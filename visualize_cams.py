@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from core.config import OneLineParser, choose_device
+from core.config import OneLineParser
 from core.inspection import (
     add_run_args,
     cam_overlay,
@@ -40,6 +40,7 @@ from core.inspection import (
 )
 from core.keypoints import top_k_peaks
 from core.puzzle import split_at_keypoints
+from core.runtime import choose_device
 from core.strategies import STRATEGIES, build_tasks
 from tools.errors import UserError, run_cli
 from tools.images import load_rgb_image

@@ -5,8 +5,6 @@ import argparse
 import sys
 from collections.abc import Callable
 
-import torch
-
 from core.builder import ARCHITECTURES, BN_MODES, HEADS
 from core.plugins import load_plugins
 from core.strategies import KEYPOINT_DEFAULTS, STRATEGIES
@@ -35,9 +33,6 @@ DEMO_DEFAULTS = dict(
 # --strategy) and its own changes to the --demo recipe.
 SCRIPT_KEYS = ("description", "strategy", "demo_recipe")
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class Settings(argparse.Namespace):
     """The training flags, read-only once parse_args returns them: what a run derives from them (the dataset's
     facts, --resume auto's answer) lives in the objects built from them (core/data.py RunData, core/trainer.py
@@ -56,27 +51,6 @@ class Settings(argparse.Namespace):
     def replace(self, **changes) -> Settings:
         """A copy with `changes` (tests, benchmarks: one flag varied over a parsed recipe)."""
         return Settings(**{**vars(self), **changes})
-
-
-def choose_device(name: str) -> torch.device:
-    """auto = CUDA when available, else CPU; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
-def autocast_settings(device: torch.device, amp: str) -> dict:
-    """torch.autocast keyword arguments for --amp off|bf16|fp16 on `device`."""
-    dtype = AMP_DTYPES[amp]
-    return {"device_type": device.type, "dtype": dtype, "enabled": dtype is not None}
 
 
 def str2bool(value: str) -> bool:

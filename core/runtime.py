@@ -11,9 +11,31 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from core.config import choose_device
 from tools.checkpoint import plain_rng_states, raw_rng_states
 from tools.errors import UserError
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_device(name: str) -> torch.device:
+    """auto = CUDA when available, else CPU; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def autocast_settings(device: torch.device, amp: str) -> dict:
+    """torch.autocast keyword arguments for --amp off|bf16|fp16 on `device`."""
+    dtype = AMP_DTYPES[amp]
+    return {"device_type": device.type, "dtype": dtype, "enabled": dtype is not None}
 
 
 @dataclass

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 from core.batchnorm import BNPlan
 from core.builder import Classifier, make_cams, parameter_groups, poly_lr_factor
-from core.config import autocast_settings
 from core.puzzle import grid_cuts_from_pixel_cuts, split_at_keypoints, stitch_tiles
-from core.runtime import Runtime, unwrap, wrap_for_devices
+from core.runtime import Runtime, autocast_settings, unwrap, wrap_for_devices
 from core.strategies import STRATEGIES, Strategy, build_tasks
 from tools.augment import PackedImages, normalize_packed
 from tools.demo_backbone import demo_backbone_state
@@ -29,10 +28,9 @@ from tools.demo_backbone import demo_backbone_state
 # --patch_chunk auto. A tile's largest activation in the patch network: the stem's 64 channels at half
 # the tile's side (a Bottleneck layer1's 256 channels at a quarter of it hold as many values).
 STEM_CHANNELS = 64
-# CPU: that activation of one forward stays within 8 MiB. Measured on a 2-core Xeon VM with
-# benchmarks/patch_chunk.py (benchmarks/README.md): above it glibc's malloc serves such tensors from
-# fresh pages, and their page faults (250k per forward of 32 resnet50 tiles of 128 px) cost more than
-# running more, smaller forwards; well below it the per-forward overhead of small batches shows.
+# CPU: that activation of one forward stays within 8 MiB. Above it glibc's malloc serves such tensors from
+# fresh pages, whose page faults cost more than running more, smaller forwards; well below it the per-forward
+# overhead of small batches shows (the measurements: benchmarks/README.md, --patch_chunk).
 CPU_ACTIVATION_BUDGET = 8 * 2**20
 # CUDA: one forward, unless about this many of the largest activations (alive at once in a forward
 # without gradient) for all tiles would take more than half of the memory still free.

@@ -2,9 +2,9 @@
 
 TensorBoard is an optional extra (pip install tensorboard); nothing in the repo requires it.
 
-Contract for the training loop (not wired in yet):
+How the training loop (core/trainer.py) uses it:
 
-* ``writer = make_writer(log_dir)`` once, on the main process only (rank 0 under torchrun); e.g.
+* ``writer = make_writer(log_dir)`` once, on the main process only (rank 0 under torchrun), with
   ``log_dir = <output_dir>/tensorboard/<tag>``. Returns a ``torch.utils.tensorboard.SummaryWriter``,
   or ``None`` -- without raising or warning -- when tensorboard cannot be imported.
 * ``log_scalars(writer, step, values)``: ``values`` maps a name (e.g. ``"train/loss"``,

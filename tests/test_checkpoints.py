@@ -29,8 +29,9 @@ import visualize_cams
 from core.recipe import FREE_FLAGS, RUN_DEFINING_FLAGS, recipe_changes
 from core.runtime import rng_states, set_rng_states
 from core.trainer import main as train_main
-from tools.checkpoint import file_sha256, load_checkpoint, plain_rng_states, raw_rng_states, save_checkpoint
+from tools.checkpoint import load_checkpoint, plain_rng_states, raw_rng_states, save_checkpoint
 from tools.errors import UserError
+from tools.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 CTOPK_W = "train_classification_with_puzzle_cTopk_w_ema"

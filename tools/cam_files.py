@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from tools.errors import UserError
+from tools.files import atomic_write
 
 METADATA_NAME = "cams.json"
 FORMAT_VERSION = 1
@@ -35,25 +35,12 @@ def cam_file(folder: Path, image_id: str) -> Path:
     return Path(folder) / f"{image_id.replace('/', '_').replace(os.sep, '_')}.npz"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Temp file + rename: a run killed mid-write never leaves a truncated file that --resume would skip."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({exc.strerror or exc}); free disk space or choose another --out, "
-                        "then rerun with --resume") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+CAM_WRITE_ADVICE = "free disk space or choose another --out, then rerun with --resume"
 
 
 def save_cams(path: Path, classes: np.ndarray, cams: np.ndarray) -> None:
-    _atomic_write_bytes(Path(path), lambda f: np.savez_compressed(
-        f, classes=np.asarray(classes, np.int64), cams=np.asarray(cams, np.float32)))
+    atomic_write(Path(path), lambda f: np.savez_compressed(
+        f, classes=np.asarray(classes, np.int64), cams=np.asarray(cams, np.float32)), CAM_WRITE_ADVICE, durable=False)
 
 
 def load_cams(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +59,7 @@ def load_cams(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def write_metadata(folder: Path, metadata: dict) -> None:
     text = (json.dumps({"format": FORMAT_VERSION, **metadata}, indent=1) + "\n").encode()
-    _atomic_write_bytes(Path(folder) / METADATA_NAME, lambda f: f.write(text))
+    atomic_write(Path(folder) / METADATA_NAME, lambda f: f.write(text), CAM_WRITE_ADVICE, durable=False)
 
 
 def read_metadata(folder: Path) -> dict | None:

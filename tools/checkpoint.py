@@ -8,83 +8,35 @@ explicitly, by `python tools/convert_checkpoint.py OLD NEW`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from tools.errors import UserError
+from tools.files import atomic_write, file_sha256
 
 CONVERT_COMMAND = "python tools/convert_checkpoint.py"
-HASH_CHUNK = 1 << 20
 
 
-class _HashingWriter:
-    """A file wrapper that feeds every written byte to SHA-256: the hash costs no second read."""
-
-    def __init__(self, file: BinaryIO) -> None:
-        self.file, self.sha256 = file, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _atomic_write(path: Path, write: Any) -> str:
-    """Write through a temp file in the same folder, then rename: a crash or a full disk never
-    leaves a half-written file in place of the previous one. Returns the SHA-256 of the bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer = _HashingWriter(f)
-            write(writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise UserError(
-                f"cannot write {path} ({exc.strerror or exc}); the previous version of it is intact — "
-                "free disk space or fix the folder's permissions, then rerun with --resume"
-            ) from None
-        raise
-    return writer.sha256.hexdigest()
+WRITE_ADVICE = ("the previous version of it is intact — free disk space or fix the folder's permissions, then "
+                "rerun with --resume")
 
 
 def save_checkpoint(state: dict, path: Path) -> str:
     """Write `state` atomically; returns the file's SHA-256 (hex), computed while writing."""
-    return _atomic_write(Path(path), lambda f: torch.save(state, f))
+    return atomic_write(Path(path), lambda f: torch.save(state, f), WRITE_ADVICE, hashed=True)
 
 
 def write_json(data: Any, path: Path) -> None:
     text = json.dumps(data, indent=1, allow_nan=True).encode()
-    _atomic_write(Path(path), lambda f: f.write(text))
-
-
-def file_sha256(file: BinaryIO | Path) -> str:
-    """SHA-256 (hex) of a file, read in chunks; an open file is hashed from its start and rewound."""
-    if isinstance(file, (str, Path)):
-        with open(file, "rb") as f:
-            return file_sha256(f)
-    file.seek(0)
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: file.read(HASH_CHUNK), b""):
-        digest.update(chunk)
-    file.seek(0)
-    return digest.hexdigest()
+    atomic_write(Path(path), lambda f: f.write(text), WRITE_ADVICE)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -135,16 +87,6 @@ def restore_states(checkpoint: dict, path: Path, **objects: Any) -> None:
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{path}: its '{name}' state does not fit this run ({first[:200]})") from None
-
-
-def restart_from_checkpoint(path: Path, **objects: Any) -> dict:
-    """Load `path` and restore each named object from it; returns the checkpoint so that the caller
-    can read the plain values it holds."""
-    checkpoint = load_checkpoint(path)
-    if not isinstance(checkpoint, dict):
-        raise UserError(f"{path} is not a checkpoint of the training scripts (not a dict)")
-    restore_states(checkpoint, path, **objects)
-    return checkpoint
 
 
 # ----------------------------------------------------------------------------- plain values

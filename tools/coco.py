@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.errors import UserError
+from tools.errors import UserError, user_message
+from tools.files import atomic_write, cache_folder
 
 CACHE_VERSION = 1
 DOWNLOAD_HINT = "download annotations_trainval2014.zip from cocodataset.org and extract it into the data folder"
@@ -41,8 +41,7 @@ def instances_path(root: Path, split: str) -> Path:
 
 def default_cache_dir() -> Path:
     """$OASS_CACHE/coco_labels when OASS_CACHE is set, else ~/.cache/oass/coco_labels."""
-    cache = os.environ.get("OASS_CACHE")
-    return (Path(cache).expanduser() if cache else Path.home() / ".cache" / "oass") / "coco_labels"
+    return cache_folder("coco_labels")
 
 
 # ----------------------------------------------------------------------------- parsing the JSON
@@ -154,19 +153,15 @@ def _write_cache(file: Path, prefix: str, coco: CocoLabels) -> None:
     arrays = {"class_names": np.array(coco.class_names), "category_ids": coco.category_ids,
               "image_ids": coco.image_ids, "file_names": np.array(coco.file_names, dtype=str),
               "labels": np.packbits(coco.labels, axis=1), "num_annotations": np.int64(coco.num_annotations)}
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, file)
+        atomic_write(file, lambda f: np.savez(f, **arrays), "the JSON will be parsed again next time (set "
+                     "OASS_CACHE to a writable folder)", durable=False)
         for stale in file.parent.glob(f"{prefix}*.npz"):  # caches of older versions of the same JSON
             if stale != file:
                 stale.unlink(missing_ok=True)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        warnings.warn(f"cannot write the COCO label cache {file} ({exc.strerror or exc}); the JSON will be "
-                      f"parsed again next time (set OASS_CACHE to a writable folder)", stacklevel=3)
+    except (OSError, UserError) as exc:  # a cache only: the labels are parsed, so warn and go on
+        reason = user_message(exc) if isinstance(exc, UserError) else f"cannot write {file} ({exc.strerror or exc})"
+        warnings.warn(f"COCO label cache: {reason}", stacklevel=3)
 
 
 def load_instances(path: Path, cache_dir: Path | None = None) -> CocoLabels:

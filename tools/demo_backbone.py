@@ -24,11 +24,8 @@ import argparse
 import colorsys
 import contextlib
 import fcntl
-import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from tools.demo_data import SHAPES, _draw_clutter, _gradient, _shape_mask
 from tools.errors import UserError, run_cli
+from tools.files import atomic_write, cache_folder, file_sha256
 
 FORMAT_VERSION = 2  # bump when the pretext or the training changes, so cached backbones are rebuilt
 DISTRACTOR_SHAPES = ("diamond", "bar", "hexagon")
@@ -54,9 +52,11 @@ _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # the training tra
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
+CACHE_WRITE_ADVICE = "free disk space or set OASS_CACHE to a writable folder"
+
+
 def cache_dir() -> Path:
-    cache = os.environ.get("OASS_CACHE")
-    return (Path(cache).expanduser() if cache else Path.home() / ".cache" / "oass") / "demo_backbone"
+    return cache_folder("demo_backbone")
 
 
 def backbone_paths(seed: int = 0) -> tuple[Path, Path]:
@@ -173,14 +173,6 @@ def pretrain(seed: int = 0, recipe: dict | None = None, log=print) -> tuple[dict
     return model.state_dict(), card
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -220,17 +212,6 @@ def _build_lock(folder: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def demo_backbone_state(seed: int = 0, force: bool = False, log=print) -> dict:
     """The demo backbone's state dict: from the cache, or pretrained now (about 2 minutes on 2 cores) and cached."""
     weights, card_path = backbone_paths(seed)
@@ -241,9 +222,9 @@ def demo_backbone_state(seed: int = 0, force: bool = False, log=print) -> dict:
         log(f"demo backbone: pretraining resnet18 on the pretext set (once; cached in {weights.parent})")
         with torch.random.fork_rng():  # the run's own random state is untouched by the build
             state, card = pretrain(seed, log=log)
-        _write_atomically(weights, lambda tmp: torch.save(state, tmp))
-        card["sha256"] = file_sha256(weights)
-        _write_atomically(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+        card["sha256"] = atomic_write(weights, lambda f: torch.save(state, f), CACHE_WRITE_ADVICE, hashed=True)
+        text = (json.dumps(card, indent=2) + "\n").encode()
+        atomic_write(card_path, lambda f: f.write(text), CACHE_WRITE_ADVICE)
         log(f"demo backbone: pretext accuracy {card['pretext_accuracy']:.1f}% (chance {card['chance_accuracy']:.1f}%) "
             f"in {card['seconds']:.0f} s; saved {weights}")
         return state

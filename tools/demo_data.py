@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from tools.cam_metrics import palette_image
 from tools.errors import UserError, run_cli
+from tools.files import cache_folder
 from tools.voc import NUM_CLASSES, VOC_CLASSES
 
 MARKER_NAME = ".oass_demo.json"
@@ -340,9 +341,7 @@ def generate_demo_dataset(root: Path, num_train: int = 600, num_val: int = 200, 
 
 def default_demo_root() -> Path:
     """$OASS_CACHE/demo_voc when OASS_CACHE is set, else ~/.cache/oass/demo_voc."""
-    cache = os.environ.get("OASS_CACHE")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "oass"
-    return base / "demo_voc"
+    return cache_folder("demo_voc")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tools.checkpoint import WRITE_ADVICE
 from tools.errors import UserError
+from tools.files import atomic_write
 
 
 @dataclass
@@ -65,12 +67,11 @@ def save_val_scores(path: Path, image_ids: list[str], scores: np.ndarray, labels
                     **facts: float) -> None:
     """The per-image evidence behind a validation's mAP, for paired comparisons between runs: image ids,
     scores (N, C) as the model gave them, labels (N, C) and mAP_voc's ignore mask (N, C); `facts` (the
-    iteration, the logged mAPs) are stored beside them. Written to a temp file and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, image_ids=np.asarray(image_ids, dtype=str), scores=np.asarray(scores, np.float32),
-             labels=np.asarray(labels, np.uint8), ignore=np.asarray(ignore, bool),
-             **{k: np.asarray(v) for k, v in facts.items()})
-    os.replace(tmp, path)
+    iteration, the logged mAPs) are stored beside them. Written atomically."""
+    arrays = {"image_ids": np.asarray(image_ids, dtype=str), "scores": np.asarray(scores, np.float32),
+              "labels": np.asarray(labels, np.uint8), "ignore": np.asarray(ignore, bool),
+              **{k: np.asarray(v) for k, v in facts.items()}}
+    atomic_write(path, lambda f: np.savez(f, **arrays), WRITE_ADVICE)
 
 
 class Logger:
