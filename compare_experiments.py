@@ -17,10 +17,13 @@ iterations, wall time, best checkpoint's SHA-256). --plot draws the groups' bars
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,6 +31,11 @@ from core.config import OneLineParser
 from core.groups import compare_groups
 from tools.errors import UserError, run_cli
 
+REPO = Path(__file__).resolve().parent
+# A table in README.md or docs/ that this tool generated: the flags that regenerate it (paths relative to the
+# repository), its output, an end marker. --update_docs rewrites them; tests/test_results_tables.py checks them.
+GENERATED_TABLE = re.compile(r"(?P<head><!-- compare_experiments\.py (?P<flags>[^>]*?) -->\n)(?P<body>.*?)"
+                             r"(?P<end><!-- end of generated table -->)", re.S)
 FLAG_COLUMNS = ("architecture", "alpha_re", "alpha_p", "image_size", "batch_size")
 RESULT_COLUMNS = ("best_mAP", "best_epoch", "last_mAP", "mAP_voc_at_best")
 SHORT_HASH = 12  # hex digits of the best checkpoint's SHA-256 shown
@@ -49,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="markdown", choices=["markdown", "csv"])
     p.add_argument("--plot", default=None, metavar="OUT.png", help="also draw the groups' bars with their intervals "
                    "(with --runs: val mAP vs epoch); needs matplotlib")
+    p.add_argument("--update_docs", nargs="+", default=None, metavar="FILE.md",
+                   help="instead: regenerate every table in these files that stands between "
+                   "'<!-- compare_experiments.py FLAGS -->' and '<!-- end of generated table -->' (FLAGS: this "
+                   "tool's, paths relative to the repository)")
     return p
 
 
@@ -207,8 +219,43 @@ def compare(args: argparse.Namespace) -> list[dict]:
     return compare_groups(args, histories, plt)
 
 
+def generated_table(flags: str) -> str:
+    """What this tool prints for FLAGS (a markdown table and its footnote), run from the repository's folder."""
+    argv = shlex.split(flags)
+    args = build_parser().parse_args(argv)
+    if args.format != "markdown" or args.plot or args.update_docs:
+        raise UserError(f"generated table '{flags}': a table takes the markdown format, without --plot or "
+                        "--update_docs")
+    args = argparse.Namespace(**{**vars(args), "dir": str(REPO / args.dir)})  # an absolute --dir stays as it is
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        compare(args)
+    return out.getvalue()
+
+
+def update_docs(paths: list[str]) -> None:
+    for name in paths:
+        path = Path(name)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UserError(f"--update_docs {name}: cannot read it ({exc.strerror})") from None
+        new = GENERATED_TABLE.sub(lambda m: m["head"] + generated_table(m["flags"]) + m["end"], text)
+        count = len(GENERATED_TABLE.findall(text))
+        if new != text:
+            path.write_text(new)
+        print(f"{name}: {count} generated table(s), {'updated' if new != text else 'unchanged'}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    run_cli(lambda: compare(build_parser().parse_args(argv)))
+    def go() -> None:
+        args = build_parser().parse_args(argv)
+        if args.update_docs:
+            update_docs(args.update_docs)
+        else:
+            compare(args)
+
+    run_cli(go)
 
 
 if __name__ == "__main__":

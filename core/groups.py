@@ -18,9 +18,9 @@ from tools.bootstrap import BootstrapResult, paired_bootstrap, resample_indices,
 from tools.errors import UserError
 from tools.metrics import mean_average_precision
 
-METRICS = ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game", "hit_rate", "hit_rate_first")
+METRICS = ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game", "hit_rate", "hit_rate_first", "wall_time")
 HEADERS = {"mAP": "best mAP", "mAP_voc": "mAP_voc", "CF1": "CF1", "OF1": "OF1", "pointing_game": "pointing game",
-           "hit_rate": "hit rate", "hit_rate_first": "hit rate (1st val)"}
+           "hit_rate": "hit rate", "hit_rate_first": "hit rate (1st val)", "wall_time": "wall time (s)"}
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Group:
     histories: list[dict]
     metrics: list[dict] = field(default_factory=list)  # per run, at its best validation
     scores: list[RunScores] = field(default_factory=list)  # the runs that saved them
+    scored_tags: list[str] = field(default_factory=list)  # the tags of `scores`, in order
     resampled: list[np.ndarray] = field(default_factory=list)  # per run in `scores`: mAP on each resample
 
     @property
@@ -56,13 +57,14 @@ def run_metrics(history: dict) -> dict:
     validation = [r for r in history.get("validation") or [] if isinstance(r, dict) and not math.isnan(
         _number(r.get("mAP")))]
     if not validation:
-        return {key: math.nan for key in METRICS}
+        return {key: math.nan for key in METRICS}  # wall time too: a run without a validation has no result
     best = max(validation, key=lambda r: r["mAP"])
     strategy = history["config"].get("strategy")
     hit = f"hit_rate_{strategy}" if strategy in keypoint_strategies() else None
     out = {key: _number(best.get(key)) for key in ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game")}
     out["hit_rate"] = _number(best.get(hit)) if hit else math.nan
     out["hit_rate_first"] = _number(validation[0].get(hit)) if hit else math.nan
+    out["wall_time"] = _number(history.get("wall_time"))
     return out
 
 
@@ -95,33 +97,58 @@ def check_one_recipe(group: Group) -> None:
                             "or use separate --output_dir folders)")
 
 
-def load_scores(folder: Path, group: Group, notes: list[str]) -> None:
-    """The group's saved per-image scores; a run without them (or with an unreadable file) is noted and skipped."""
-    for history in group.histories:
+def load_scores(folder: Path, group: Group) -> None:
+    """The per-image scores each run of the group saved at its best validation (data/<tag>_val_scores.npz).
+    A missing file, or one that is not the evidence of its history's best validation (another mAP, another
+    class count), is refused: an interval over fewer runs than the table's would not be the table's."""
+    for history, metrics in zip(group.histories, group.metrics):
         tag = history["config"]["tag"]
         path = folder / "data" / f"{tag}_val_scores.npz"
+        fix = f"put the run's own {path.name} beside {tag}.json, or leave the run out (--filter)"
         try:
             with np.load(path, allow_pickle=False) as saved:
-                group.scores.append(RunScores(saved["image_ids"], saved["scores"].astype(np.float64),
-                                              saved["labels"].astype(np.float64)))
+                run = RunScores(saved["image_ids"], saved["scores"].astype(np.float64),
+                                saved["labels"].astype(np.float64))
+                saved_map = float(saved["mAP"]) if "mAP" in saved.files else None
         except FileNotFoundError:
-            notes.append(f"{tag}: no per-image scores ({path.name}; runs before they were saved), left out of the "
-                         "bootstrap")
+            raise UserError(f"{tag}: no per-image scores ({path}); {fix}") from None
         except (OSError, ValueError, KeyError) as exc:
-            notes.append(f"{tag}: {path.name} is not readable ({type(exc).__name__}), left out of the bootstrap")
+            raise UserError(f"{tag}: {path} is not a per-image score file ({type(exc).__name__}); {fix}") from None
+        classes = history.get("class_names")
+        problem = None
+        if run.scores.ndim != 2 or run.labels.shape != run.scores.shape or len(run.image_ids) != len(run.scores):
+            problem = (f"scores {run.scores.shape}, labels {run.labels.shape} and {len(run.image_ids)} image ids "
+                       "disagree")
+        elif isinstance(classes, list) and run.scores.shape[1] != len(classes):
+            problem = f"{run.scores.shape[1]} classes where the history has {len(classes)}"
+        elif saved_map is not None and not math.isclose(saved_map, metrics["mAP"], abs_tol=1e-6):
+            problem = f"mAP {saved_map:.4f} where the history's best validation has {metrics['mAP']:.4f}"
+        if problem:
+            raise UserError(f"{tag}: {path.name} does not match its history ({problem}); {fix}")
+        group.scores.append(run)
+        group.scored_tags.append(tag)
 
 
-def bootstrap_all(groups: list[Group], baselines: list[str], resamples: int, seed: int,
-                  notes: list[str]) -> dict[tuple[str, str], BootstrapResult]:
+def check_same_images(groups: list[Group]) -> None:
+    """A paired bootstrap needs every run scored on the same images, in the same order, with the same labels."""
+    scored = [(tag, s) for g in groups for tag, s in zip(g.scored_tags, g.scores)]
+    first_tag, first = scored[0]
+    for tag, run in scored[1:]:
+        if run.image_ids.shape != first.image_ids.shape or (run.image_ids != first.image_ids).any():
+            what = "other validation images"
+        elif run.labels.shape != first.labels.shape or (run.labels != first.labels).any():
+            what = "other labels"
+        else:
+            continue
+        raise UserError(f"{tag} was validated on {what} than {first_tag}: no paired comparison between them; "
+                        "compare runs of one validation set (--filter TEXT, or separate --dir folders)")
+
+
+def bootstrap_all(groups: list[Group], baselines: list[str], resamples: int,
+                  seed: int) -> dict[tuple[str, str], BootstrapResult]:
     """{(group, baseline): result} for every group against every baseline, on one set of resampled images."""
-    scored = [s for g in groups for s in g.scores]
-    if not scored:
-        return {}
-    reference = scored[0]
-    if any(s.image_ids.shape != reference.image_ids.shape or (s.image_ids != reference.image_ids).any()
-           or (s.labels != reference.labels).any() for s in scored):
-        notes.append("the runs were validated on different images or labels: no bootstrap")
-        return {}
+    check_same_images(groups)
+    reference = groups[0].scores[0]
     indices = resample_indices(len(reference.image_ids), resamples, seed)
     for group in groups:
         group.resampled = [run_maps(s.scores, s.labels, indices) for s in group.scores]
@@ -130,7 +157,7 @@ def bootstrap_all(groups: list[Group], baselines: list[str], resamples: int, see
     for base in baselines:
         baseline = next(g for g in groups if g.name == base)
         for group in groups:
-            if group is baseline or not group.scores or not baseline.scores:
+            if group is baseline:
                 continue
             results[(group.name, base)] = paired_bootstrap(full[group.name], group.resampled, full[base],
                                                            baseline.resampled)
@@ -144,10 +171,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
 
 
-def _pm(mean: float, std: float) -> str:
+def _pm(mean: float, std: float, digits: int = 2) -> str:
     if math.isnan(mean):
         return "-"
-    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def group_rows(groups: list[Group], baselines: list[str], results: dict) -> list[dict]:
@@ -172,7 +199,8 @@ def format_group_markdown(rows: list[dict], baselines: list[str]) -> str:
     headers += [h for b in baselines for h in (f"ΔmAP vs {b} [95% CI]", f"P(Δ>0) vs {b}")]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
-        cells = [row["group"], str(row["runs"])] + [_pm(row[f"{k}_mean"], row[f"{k}_std"]) for k in METRICS]
+        cells = [row["group"], str(row["runs"])] + [_pm(row[f"{k}_mean"], row[f"{k}_std"], 0 if k == "wall_time" else 2)
+                                                       for k in METRICS]
         for base in baselines:
             delta = row[f"delta_vs_{base}"]
             if math.isnan(delta):
@@ -235,11 +263,11 @@ def compare_groups(args: argparse.Namespace, histories: list[dict], plt) -> list
     unknown = [b for b in args.baseline if b not in names]
     if unknown:
         raise UserError(f"--baseline {unknown[0]} names no group here; the groups are: {', '.join(names)}")
-    notes: list[str] = []
+    results = {}
     if args.baseline:
         for group in groups:
-            load_scores(Path(args.dir), group, notes)
-    results = bootstrap_all(groups, args.baseline, args.resamples, args.bootstrap_seed, notes)
+            load_scores(Path(args.dir), group)
+        results = bootstrap_all(groups, args.baseline, args.resamples, args.bootstrap_seed)
     rows = group_rows(groups, args.baseline, results)
     if args.format == "markdown":
         print(format_group_markdown(rows, args.baseline))
@@ -249,8 +277,6 @@ def compare_groups(args: argparse.Namespace, histories: list[dict], plt) -> list
                   f"{args.bootstrap_seed}), each group's seeds averaged; ± is the std over seeds.")
     else:
         print(format_group_csv(rows))
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
     if plt is not None:
         plot_groups(plt, rows, args.baseline, Path(args.plot))
         print(f"wrote {args.plot}", file=sys.stderr)

@@ -232,10 +232,35 @@ def test_compare_groups_bad_input_and_older_runs(experiment, tmp_path, capsys):
     folder = Path(shutil.copytree(experiment.out / "data", tmp_path / "exp" / "data"))
     code, _, err = call(compare_experiments.main, ["--dir", folder.parent, "--baseline", "puzzle"], capsys)
     assert "--baseline puzzle names no group here; the groups are: none, ctopk_w" in one_error_line(code, err)
-    (folder / "t@ctopk_w@seed1_val_scores.npz").unlink()  # an older run: no per-image scores
-    code, out, err = call(compare_experiments.main, ["--dir", folder.parent, "--baseline", "none", "--format", "csv",
-                                                     "--resamples", "100"], capsys)
-    assert code == 0 and "t@ctopk_w@seed1: no per-image scores" in err and "left out of the bootstrap" in err
+    compare = ["--dir", folder.parent, "--baseline", "none", "--format", "csv", "--resamples", "100"]
+    scores = folder / "t@ctopk_w@seed1_val_scores.npz"
+    with np.load(scores) as saved:
+        kept = dict(saved)
+
+    def refused(**changed) -> str:
+        np.savez(scores, **{**kept, **changed})
+        code, out, err = call(compare_experiments.main, compare, capsys)
+        assert not out
+        return one_error_line(code, err)
+
+    assert "does not match its history (19 classes where the history has 20)" in refused(
+        scores=kept["scores"][:, :19], labels=kept["labels"][:, :19], ignore=kept["ignore"][:, :19])
+    assert "where the history's best validation has" in refused(mAP=np.asarray(kept["mAP"] + 1.0))
+    other_ids = kept["image_ids"].copy()
+    other_ids[0] = "someone_else"
+    assert "t@ctopk_w@seed1 was validated on other validation images than t@none@seed0" in refused(
+        image_ids=other_ids)
+    flipped = kept["labels"].copy()
+    flipped[0] = 1 - flipped[0]
+    assert "validated on other labels" in refused(labels=flipped)
+    scores.write_bytes(b"not an npz")
+    code, _, err = call(compare_experiments.main, compare, capsys)
+    assert "is not a per-image score file" in one_error_line(code, err)
+    scores.unlink()  # an older run: no per-image scores, so no interval that covers the whole group
+    code, _, err = call(compare_experiments.main, compare, capsys)
+    assert "t@ctopk_w@seed1: no per-image scores" in one_error_line(code, err)
+    code, _, err = call(compare_experiments.main, ["--dir", folder.parent, "--format", "csv"], capsys)
+    assert code == 0, err  # without --baseline the scores are not read
     history = json.loads((folder / "t@ctopk_w@seed1.json").read_text())
     history["config"]["lr"] = 0.5
     (folder / "t@ctopk_w@seed1.json").write_text(json.dumps(history))
