@@ -128,10 +128,14 @@ class Run:
         return f"{seen}stopped without saving, {self.kept_state()}"
 
     def check_weights(self) -> None:
-        """A step can overflow the weights even when its loss was finite: never save those."""
-        if not torch.stack([p.detach().isfinite().all() for p in self.ctx.bare_student.parameters()]).all():
-            raise UserError(f"non-finite weights after iteration {self.iteration} (the loss diverged); "
-                            f"{self.stopped(self.iteration)} — lower --lr or the loss weights")
+        """A step can overflow the weights or BatchNorm's running statistics (the eval-mode forward's) even when
+        its loss was finite: never evaluate or save those. One sync."""
+        networks = [n for n in (self.ctx.bare_student, self.ctx.bare_teacher) if n is not None]
+        values = [t for n in networks for t in n.state_dict().values() if t.is_floating_point()]
+        if not torch.stack([t.isfinite().all() for t in values]).all():
+            raise UserError(f"non-finite weights or BatchNorm statistics at iteration {self.iteration} (the training "
+                            f"diverged while its losses were finite); {self.stopped(self.iteration)} — lower --lr or "
+                            "the loss weights")
 
     def save(self, which: str) -> None:
         self.check_finite()
@@ -195,6 +199,7 @@ class Run:
     # ------------------------------------------------------------------------- validation
     def validate(self, chance: float) -> None:
         self.check_finite()
+        self.check_weights()  # non-finite weights would make non-finite scores, which no AP can rank
         args, runtime, data, ctx = self.args, self.runtime, self.data, self.ctx
         # the bare module under DDP: ranks may run different numbers of eval batches, so no
         # collective may hide in the forward

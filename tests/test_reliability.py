@@ -213,6 +213,39 @@ def test_divergence_names_its_iteration_and_only_a_checkpoint_that_exists(nan_fr
         assert history["config"]["tag"] == "nan" and not history["train"] and not history["validation"]
 
 
+@pytest.mark.usefixtures("single_thread")
+def test_non_finite_batchnorm_statistics_stop_before_the_validation(tiny_voc, tmp_path, monkeypatch, capsys):
+    """Train-mode losses use the batch's statistics and stay finite while the running ones overflow (seen with
+    --lr 1e6): the eval-mode forward would then score NaN, which no AP can rank. The run stops in one line."""
+    import core.trainer
+    from core.config import parse_args
+    from core.trainer import train
+    from tools.errors import run_cli
+
+    real_step = core.trainer.train_step
+
+    def overflowing_step(ctx, micro_batches, iteration, total):
+        stats = real_step(ctx, micro_batches, iteration, total)
+        if iteration + 1 == 3:
+            next(m for m in ctx.bare_student.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(
+                float("inf"))
+        return stats
+
+    monkeypatch.setattr(core.trainer, "train_step", overflowing_step)
+    out = tmp_path / "exp"
+    argv = ["--data_dir", str(tiny_voc), *FLAGS, "--output_dir", str(out), "--tag", "bn", "--print_ratio", "1",
+            "--max_iterations", "4", "--save_every", "2"]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: train(parse_args({"strategy": "none"}, argv)))
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "Traceback" not in err
+    last = out / "models" / "bn_last.pth"
+    assert line.startswith("error: non-finite weights or BatchNorm statistics at iteration 4 ")
+    assert f"stopped without saving, {last} keeps the last good state (iteration 2)" in line
+    assert load(last)["iteration"] == 2 and not (out / "models" / "bn_best.pth").exists()
+
+
 def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     save_checkpoint({"iteration": 1}, path)
