@@ -32,6 +32,8 @@ RUN_DEFINING_FLAGS = (
 # forwards to fit memory (same images per step, same schedule): the result changes by float
 # summation order only, and the change is recorded in the history's "resumes". amp is not here: it
 # changes every activation's precision, and fp16's GradScaler state does not carry across modes.
+# max_iterations is the one among them that changes a result (where the run stops): comparisons
+# (core/groups.py) compare the iteration each run finished at instead of the flag.
 FREE_FLAGS = (
     "num_workers", "device", "print_ratio", "output_dir", "save_every", "eval_batch_size", "tag", "resume",
     "overwrite", "skip_bad_images", "data_dir", "max_iterations", "accum_steps", "patch_chunk",

@@ -24,6 +24,8 @@ from core.strategies import STRATEGIES, Strategy, build_tasks
 from tools.augment import PackedImages, normalize_packed
 
 LOSS_TERMS = ("loss", "class_loss", "p_class_loss", "re_loss")
+# forward_losses' stats, in order; cuts_outside: the strategy's cuts outside [1, size - 1] (core/strategies.py)
+STATS = (*LOSS_TERMS, "tasks", "keypoint_distance", "cuts_outside")
 
 # --patch_chunk auto. A tile's largest activation in the patch network: the stem's 64 channels at half
 # the tile's side (a Bottleneck layer1's 256 channels at a quarter of it hold as many values).
@@ -152,14 +154,14 @@ def tile_maps_of_tasks(ctx: StepContext, images: torch.Tensor, image_index: torc
 
 def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
                    alpha_re: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Total loss of a micro-batch and its stats [loss, class, p_class, re, tasks, keypoint distance]."""
+    """Total loss of a micro-batch and its stats (STATS: the four losses, tasks, keypoint distance, cuts outside)."""
     args = ctx.args
     with torch.autocast(**ctx.autocast), bn_plan(ctx.bare_student, student_plan(args, images.shape[0])):
         logits, features = ctx.student(images)
         class_loss = classification_loss(logits.float(), labels)
     zero = class_loss.detach() * 0
     p_class_loss = re_loss = zero
-    num_tasks, distance = zero, zero
+    num_tasks, distance, outside = zero, zero, zero
     if ctx.strategy.puzzle:
         height, width = images.shape[-2:]
         tasks = build_tasks(ctx.strategy, make_cams(features.detach().float()), labels, labels_cpu,
@@ -173,9 +175,11 @@ def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor,
         num_tasks = zero + len(tasks)
         # from Python scalars: no host-to-device copy, no sync
         distance = torch.hypot(cuts[:, 0] - height / 2, cuts[:, 1] - width / 2).mean() if len(tasks) else zero
+        if tasks.outside is not None:  # a count on the device: the trainer reads it at its next sync
+            outside = zero + tasks.outside
     loss = class_loss + args.alpha_p * p_class_loss + alpha_re * re_loss
     stats = torch.stack([loss.detach(), class_loss.detach(), p_class_loss.detach(), re_loss.detach(),
-                         num_tasks, distance])
+                         num_tasks, distance, outside])
     return loss, stats
 
 
