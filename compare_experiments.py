@@ -3,16 +3,22 @@
     python compare_experiments.py [--dir experiments] [--baseline puzzle [none ...]] [--format markdown|csv]
                                   [--plot out.png] [--filter TEXT] [--runs]
 
-A group is named by its strategy (none, puzzle, max, cmax, ctopk, ctopk_w). Per group: the number of
-runs and, as mean ± std over them, the best val mAP and, at each run's best validation, mAP_voc, CF1,
-OF1, the pointing game and the group's own keypoint hit rate. Against each --baseline group: ΔmAP with a
-95% interval from the paired bootstrap over validation images (tools/bootstrap.py; the same resampled
-images for both groups, each group's seeds averaged) and the share of resamples above 0. The bootstrap
-reads the per-image scores each run saved at its best validation (data/<tag>_val_scores.npz); a run
-without them (an older run) is left out of it, with a note. A group whose runs differ in anything but
-the seed is refused, naming the flags. --runs prints one row per run instead (tag, flags, best mAP,
-iterations, wall time, best checkpoint's SHA-256). --plot draws the groups' bars with their intervals
-(or, with --runs, val mAP against epoch per run); it needs matplotlib, an optional extra.
+A group is named by its strategy: the --strategy of its runs, any registered strategy (plug-ins of
+strategies/ included). Per group: the number of runs and, as mean ± std over them, the best val mAP and,
+at each run's best validation, mAP_voc, CF1, OF1, the pointing game and the group's own keypoint hit
+rate. Against each --baseline group: ΔmAP with a 95% interval from the paired bootstrap over validation
+images (tools/bootstrap.py; the same resampled images for both groups, each group's seeds averaged) and
+the share of resamples above 0. The bootstrap reads the per-image scores each run saved at its best
+validation (data/<tag>_val_scores.npz); a run without them, or with a file that is not its best
+validation's, is refused in one line, as are runs scored on other images. --update_docs rewrites the
+tables generated into markdown files (README.md, docs/miniature.md) from their data.
+A group is refused, in one line naming its runs, when they differ in anything but the seed (the flags are
+named), when they finished at different iterations (--max_iterations is free on --resume, but a run
+stopped earlier is another result), or when two of them have the same seed; --filter TEXT then picks one
+set. Only the history files are read (data/<tag>.json and data/<tag>_val_scores.npz). --runs prints one
+row per run instead (tag, flags, best mAP, iterations, wall time, best checkpoint's SHA-256). --plot
+draws the groups' bars with their intervals (or, with --runs, val mAP against epoch per run); it needs
+matplotlib, an optional extra.
 """
 from __future__ import annotations
 

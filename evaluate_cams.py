@@ -6,9 +6,11 @@
   the per-class IoU table there. The threshold is selected on the same images it is scored on,
   as the weakly-supervised segmentation literature does (Puzzle-CAM's evaluate.py included).
 * Pointing game: the fraction of (image, positive class) pairs whose CAM maximum lies in a box
-  of that class. Keypoint hit rate: for each OASS strategy (Max, cMax, cTopk, cTopk-w, and every
-  plug-in strategy), the fraction of its keypoints (the training loop's build_tasks on these CAMs)
-  inside a box of their class (any of the image's classes for Max), and their mean distance to the nearest such box.
+  of that class. Keypoint hit rate: for every registered strategy that cuts at a CAM keypoint
+  (core.localisation.keypoint_strategies(), plug-ins included), the fraction of its keypoints (the
+  training loop's build_tasks on these CAMs) inside a box of their class (any of the image's classes
+  for an image-level strategy such as Max), and their mean distance to the nearest such box. A plug-in
+  whose keypoint function fails is left out with one warning.
 
     python evaluate_cams.py --tag T [--checkpoint best|last|PATH] [--teacher] [--split val] [--cam_dir DIR]
         [--thresholds 0.05:0.60:0.05] [--save_pseudo_labels DIR] [--k K --min_distance D]
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,6 +286,8 @@ def evaluate_cams(args: argparse.Namespace) -> dict:
     inputs = resolve_inputs(args)
     split = inputs.split
     confusions, tally = score_split(inputs, thresholds)
+    for reason in tally.dropped.values():  # a broken plug-in: the other strategies' scores stand
+        warnings.warn(f"{reason}; its hit rate is left out", stacklevel=2)
     result = summarise(confusions, thresholds, tally)
     result |= {**inputs.expected, "cam_dir": str(inputs.folder), "scales": read_metadata(inputs.folder).get("scales"),
                "k": inputs.k, "min_distance": inputs.min_distance, "keypoint_rule": inputs.keypoint_rule,

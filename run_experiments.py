@@ -18,6 +18,7 @@ import json
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,20 @@ from tools.errors import UserError, run_cli
 from tools.run_files import RunFiles
 
 REPO = Path(__file__).resolve().parent
+# --help's description: the first line of this docstring, then the flags it passes on, with an example
+PASSTHROUGH = """Every flag not listed below is passed to every run unchanged (the training flags,
+docs/flags.md). For example
+
+    python run_experiments.py --scripts train_classification.py --seeds 0 1 --demo --max_iterations 20
+
+trains seeds 0 and 1, each with --demo --max_iterations 20."""
 # flags that the tool sets per run, or that would fight its own resuming
 OWNED_FLAGS = ("--tag", "--seed", "--resume", "--overwrite")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    first = textwrap.fill(" ".join(__doc__.split("\n\n")[0].split()), width=80)
+    p = OneLineParser(description=f"{first}\n\n{PASSTHROUGH}", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scripts", nargs="+", required=True, help="training scripts, e.g. train_classification.py")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--prefix", default=None, help="the tags' first part (default: demo with --demo, else exp)")

@@ -2,8 +2,9 @@
 
 One PNG per image. Top row: the network input (un-normalised; the zero padding shows as the ImageNet
 mean grey), then per positive class (ground truth when known, else sigmoid > 0.5, at least the
-top-1) its CAM upsampled to the input, with markers for the Max, cMax, cTopk, cTopk-w keypoints
-(and every plug-in strategy with a marker), the cTopk peaks and the Puzzle-CAM centre. Bottom row:
+top-1) its CAM upsampled to the input, with the marker of every registered strategy that has one (the
+Puzzle-CAM centre and every keypoint strategy, plug-ins included; a plug-in whose keypoint function fails
+is left out with one warning) and the cTopk peaks. Bottom row:
 the four tiles that the run's strategy (cTopk-w for runs without a keypoint strategy) cuts for the
 first class.
 
@@ -16,6 +17,7 @@ files are first resized so their long side is the run's image_size (as infer.py 
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from core.inspection import (
 from core.keypoints import top_k_peaks
 from core.puzzle import split_at_keypoints
 from core.runtime import choose_device
-from core.strategies import STRATEGIES, build_tasks
+from core.strategies import STRATEGIES, KeypointError, build_tasks
 from tools.errors import UserError, run_cli
 from tools.images import load_rgb_image
 from tools.voc import VOC_CLASSES
@@ -122,19 +124,31 @@ def image_labels(classes: list[int], num_classes: int) -> torch.Tensor:
     return labels
 
 
-def strategy_keypoints(cams: torch.Tensor, classes: list[int], size: int, k: int,
-                       min_distance: int, keypoint_rule: str = "reference") -> dict[str, torch.Tensor]:
+def strategy_keypoints(cams: torch.Tensor, classes: list[int], size: int, k: int, min_distance: int,
+                       keypoint_rule: str = "reference", skipped: set[str] | None = None) -> dict[str, torch.Tensor]:
     """(len(classes), 2) long (y, x) cut per strategy, from the shared build_tasks.
 
     `classes` ascending: the channel-wise strategies make their tasks in that order; Max and the
-    centre make one task per image, shared by all its classes.
+    centre make one task per image, shared by all its classes. A plug-in whose keypoint function fails
+    is left out with one warning, and added to `skipped` (the strategies left out of every figure).
     """
     labels = image_labels(classes, cams.shape[0])
+    skipped = set() if skipped is None else skipped
     points = {}
     for name in MARKERS:
-        tasks = build_tasks(STRATEGIES[name], cams[None], labels, labels, (size, size), k, min_distance,
-                            keypoint_rule)
-        points[name] = tasks.keypoints if STRATEGIES[name].per_class else tasks.keypoints[:1].expand(len(classes), 2)
+        strategy = STRATEGIES[name]
+        if name in skipped:
+            continue
+        try:
+            tasks = build_tasks(strategy, cams[None], labels, labels, (size, size), k, min_distance, keypoint_rule)
+            tasks.check_inside(strategy)
+        except KeypointError as exc:
+            if not strategy.plugin:
+                raise
+            warnings.warn(f"{exc}; its marker is left out", stacklevel=2)  # the other markers stand
+            skipped.add(name)
+            continue
+        points[name] = tasks.keypoints if strategy.per_class else tasks.keypoints[:1].expand(len(classes), 2)
     return points
 
 
@@ -150,6 +164,7 @@ def first_class_tiles(image: torch.Tensor, cams: torch.Tensor, classes: list[int
     labels = image_labels(classes, cams.shape[0])
     tasks = build_tasks(STRATEGIES[strategy], cams[None], labels, labels, (size, size), k, min_distance,
                         keypoint_rule)
+    tasks.check_inside(STRATEGIES[strategy])
     cuts = tasks.keypoints[:1]
     return cuts[0], split_at_keypoints(image[None], tasks.image_index[:1], cuts)
 
@@ -250,12 +265,12 @@ def compose(fig: Figure) -> np.ndarray:
 
 def build_figure(sample: Sample, model: torch.nn.Module, device: torch.device, strategy: str, k: int,
                  min_distance: int, keypoint_rule: str = "reference",
-                 class_names: tuple[str, ...] = VOC_CLASSES) -> Figure:
+                 class_names: tuple[str, ...] = VOC_CLASSES, skipped: set[str] | None = None) -> Figure:
     logits, cams, upsampled = predict_with_cams(model, sample.image, device)
     probs = torch.sigmoid(logits)
     classes, source = positive_classes(sample.labels, probs)
     size = sample.image.shape[-1]
-    points = strategy_keypoints(cams, classes, size, k, min_distance, keypoint_rule)
+    points = strategy_keypoints(cams, classes, size, k, min_distance, keypoint_rule, skipped)
     peak_coords, _, valid = top_k_peaks(upsampled[classes], k, min_distance)
     cut, tiles = first_class_tiles(sample.image, cams, classes, strategy, k, min_distance, keypoint_rule)
     label, _, _ = MARKERS[strategy]
@@ -283,12 +298,12 @@ def visualize(args: argparse.Namespace) -> list[Path]:
     samples = file_samples(args.images, config["image_size"]) if args.images else split_samples(config, args)
     out = make_folder(args.out or Path(args.output_dir) / "figures" / run.tag)
     strategy = split_strategy(config)
-    written, used = [], set()
+    written, used, skipped = [], set(), set()
     for sample in samples:
         name = sample.name if sample.name not in used else f"{sample.name}_{len(written)}"
         used.add(name)
         figure = build_figure(sample, run.model, device, strategy, k, min_distance,
-                              config.get("keypoint_rule", "reference"), run_class_names(config))
+                              config.get("keypoint_rule", "reference"), run_class_names(config), skipped)
         written.append(save_png(out / f"{name}.png", compose(figure)))
     print(f"wrote {len(written)} figure(s) of {run.tag} ({run.path.name}) to {out}")
     return written

@@ -24,16 +24,17 @@ THRESHOLD_KEYS = (*THRESHOLD_METRICS, *(f"{name}_top3" for name in THRESHOLD_MET
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset, indices: list[int], args: argparse.Namespace, runtime: Runtime,
-            autocast: dict, desc: str, num_classes: int,
-            boxes: list[np.ndarray] | None = None) -> tuple[np.ndarray, HitTally | None]:
+            autocast: dict, desc: str, num_classes: int, boxes: list[np.ndarray] | None = None,
+            skip: dict[str, str] | None = None) -> tuple[np.ndarray, HitTally | None]:
     """Logits of `indices` (in that order) with the evaluation transform; with `boxes` (per dataset image),
-    also the pointing game and keypoint hits of the same forward's CAMs (None without). `args`: the training
-    settings (eval_batch_size, num_workers, k, min_distance, keypoint_rule)."""
+    also the pointing game and keypoint hits of the same forward's CAMs (None without), but for the
+    strategies in `skip` (name -> why: plug-ins that failed before). `args`: the training settings
+    (eval_batch_size, num_workers, k, min_distance, keypoint_rule)."""
     model.eval()
     batches = [indices[i:i + args.eval_batch_size] for i in range(0, len(indices), args.eval_batch_size)]
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=loader_workers(args.num_workers),
                         pin_memory=runtime.device.type == "cuda")
-    scores, tally = [], HitTally() if boxes is not None else None
+    scores, tally = [], HitTally(dropped=dict(skip or {})) if boxes is not None else None
     for images, labels, used in tqdm(loader, desc=desc, leave=False, disable=not runtime.is_main,
                                      dynamic_ncols=True):
         images = images.to(runtime.device, non_blocking=True)
@@ -52,19 +53,21 @@ def predict(model: nn.Module, dataset, indices: list[int], args: argparse.Namesp
 
 
 def evaluate(model: nn.Module, dataset, targets: np.ndarray, ignore: np.ndarray, args: argparse.Namespace,
-             runtime: Runtime, autocast: dict, desc: str = "eval", boxes: list[np.ndarray] | None = None) -> dict:
+             runtime: Runtime, autocast: dict, desc: str = "eval", boxes: list[np.ndarray] | None = None,
+             skip: dict[str, str] | None = None) -> dict:
     """mAP (reference AP), mAP_voc (devkit AP) and CP ... OF1_top3 (percent, at sigmoid >= 0.5) over every
     image of the split, each counted once; with `boxes`, also "localisation": the pointing game and keypoint
-    hit rates (core/localisation.py)."""
+    hit rates (core/localisation.py), and "skipped_strategies": `skip` and the plug-ins whose keypoints
+    failed now ({name: why})."""
     n = len(dataset)
     shard = list(range(runtime.rank, n, runtime.world_size))
-    scores, tally = predict(model, dataset, shard, args, runtime, autocast, desc, targets.shape[1], boxes)
+    scores, tally = predict(model, dataset, shard, args, runtime, autocast, desc, targets.shape[1], boxes, skip)
     if runtime.distributed:
         gathered = [None] * runtime.world_size
         dist.all_gather_object(gathered, (shard, scores, tally))
         full = np.zeros((n, targets.shape[1]), np.float32)
         seen = np.zeros(n, np.int64)
-        tally = HitTally() if boxes is not None else None
+        tally = HitTally(dropped=dict(skip or {})) if boxes is not None else None
         for idx, part, part_tally in gathered:
             full[idx] = part
             seen[idx] += 1
@@ -83,6 +86,7 @@ def evaluate(model: nn.Module, dataset, targets: np.ndarray, ignore: np.ndarray,
               "scores": scores}
     if tally is not None:
         result["localisation"] = flat_summary(tally)
+        result["skipped_strategies"] = dict(tally.dropped)
     return result
 
 

@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:  # run as `python core/flags_doc.py` too
 from core import config  # noqa: E402
 
 REGENERATE = "python -m core.flags_doc > docs/flags.md"
+SCRIPT_PATTERN = "train_classification*.py"  # the training scripts whose defaults the page lists
 
 
 def flag_functions() -> list[tuple[str, Callable]]:
@@ -72,7 +73,7 @@ def flag_text(action: argparse.Action) -> str:
 def script_defaults() -> list[tuple[str, dict]]:
     """(script, DEFAULTS) of every training script of the repo root."""
     scripts = []
-    for path in sorted(ROOT.glob("train_classification*.py")):
+    for path in sorted(ROOT.glob(SCRIPT_PATTERN)):
         module = importlib.import_module(path.stem)
         scripts.append((path.name, dict(module.DEFAULTS)))
     return scripts

@@ -83,8 +83,30 @@ def make_groups(histories: list[dict]) -> list[Group]:
     return groups
 
 
+ONE_AT_A_TIME = "--filter TEXT keeps the tags containing TEXT, or use separate --output_dir folders"
+
+
+def finished_length(history: dict) -> int | None:
+    """The iteration the run stopped at: its finished_iteration, else (a run stopped or still going) the last
+    one its history records. --max_iterations is free on --resume, but a run stopped earlier is another result."""
+    finished = history.get("finished_iteration")
+    if isinstance(finished, int) and not isinstance(finished, bool):
+        return finished
+    done = [r.get("iteration") for key in ("train", "validation") for r in history.get(key) or []
+            if isinstance(r, dict)]
+    done = [d for d in done if isinstance(d, int) and not isinstance(d, bool)]
+    return max(done) if done else None
+
+
+def _tags(histories: list[dict]) -> str:
+    tags = [str(h["config"].get("tag")) for h in histories]
+    return ", ".join(tags[:-1]) + " and " + tags[-1] if len(tags) > 1 else tags[0]
+
+
 def check_one_recipe(group: Group) -> None:
-    """Refuse a group whose runs differ in anything but the seed (or the flags that never change a result)."""
+    """Refuse a group whose runs differ in anything but the seed (or the flags that never change a result),
+    that mixes finished lengths, or that holds a seed twice: its mean ± std and bootstrap would be over
+    different results, or count one seed twice."""
     first = legacy_config(group.histories[0]["config"])
     defaults = flag_defaults(bool(first.get("demo")))
     for history in group.histories[1:]:
@@ -93,8 +115,24 @@ def check_one_recipe(group: Group) -> None:
         if changes:
             flags = ", ".join(f"--{name} ({old} vs {new})" for name, new, old in changes)
             raise UserError(f"group {group.name} mixes recipes: runs {first.get('tag')} and {other.get('tag')} differ "
-                            f"in {flags}; compare one recipe at a time (--filter TEXT keeps the tags containing TEXT, "
-                            "or use separate --output_dir folders)")
+                            f"in {flags}; compare one recipe at a time ({ONE_AT_A_TIME})")
+    by_length: dict[int | None, list[dict]] = {}
+    for history in group.histories:
+        by_length.setdefault(finished_length(history), []).append(history)
+    if len(by_length) > 1:
+        lengths = "; ".join(f"{_tags(runs)} at {'no iteration' if at is None else f'iteration {at}'}"
+                            for at, runs in sorted(by_length.items(), key=lambda item: (item[0] is None, item[0] or 0)))
+        raise UserError(f"group {group.name} mixes run lengths: {lengths} (a run stopped earlier is another result); "
+                        f"compare one length at a time ({ONE_AT_A_TIME}), or continue the shorter runs with --resume "
+                        "and a larger --max_iterations")
+    by_seed: dict[object, list[dict]] = {}
+    for history in group.histories:
+        by_seed.setdefault(history["config"].get("seed"), []).append(history)
+    repeated = {seed: runs for seed, runs in by_seed.items() if len(runs) > 1}
+    if repeated:
+        seeds = "; ".join(f"seed {seed} in {_tags(runs)}" for seed, runs in repeated.items())
+        raise UserError(f"group {group.name} holds a seed twice: {seeds} (one seed counted twice is not a spread over "
+                        f"seeds); keep one run per seed ({ONE_AT_A_TIME})")
 
 
 def load_scores(folder: Path, group: Group) -> None:

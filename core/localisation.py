@@ -13,7 +13,7 @@ import torch
 
 from core.keypoints import upsample_maps
 from core.plugins import load_plugins
-from core.strategies import STRATEGIES, build_tasks, task_pairs
+from core.strategies import STRATEGIES, KeypointError, build_tasks, task_pairs
 from tools.cam_metrics import HitTally, argmax_points, score_points
 
 POINTING_GAME = "pointing_game"
@@ -60,10 +60,11 @@ def keypoint_scores(strategy: str, cams: torch.Tensor, labels: torch.Tensor, lab
 
     Channel-wise strategies: one keypoint per (image, positive class), scored against that class's
     boxes. Max: one keypoint per image, scored against the boxes of all its positive classes
-    (images without a positive class are left out).
+    (images without a positive class are left out). A cut outside [1, size - 1] raises KeypointError.
     """
     rule = STRATEGIES[strategy]
     tasks = build_tasks(rule, cams, labels, labels_cpu, image_size, k, min_distance, keypoint_rule)
+    tasks.check_inside(rule)  # the keypoints go to the host below anyway
     image_index, class_index = task_pairs(labels_cpu, rule.per_class)
     points = tasks.keypoints.cpu().numpy()
     if class_index is not None:
@@ -83,20 +84,34 @@ def score_localisation(tally: HitTally, cams: torch.Tensor, labels: torch.Tensor
 
     cams (B, C, h, w): the normalised CAMs (any resolution; upsampled to image_size like in training);
     labels (B, C) 0/1 on the CAMs' device; boxes[b] (M, 5) rows (channel, xmin, ymin, xmax, ymax) in
-    pixels of image_size, VOC's 1-based inclusive convention.
+    pixels of image_size, VOC's 1-based inclusive convention. A plug-in strategy whose keypoint function
+    fails (KeypointError) is dropped from `tally` with the reason, and skipped from then on: a broken
+    plug-in must not stop the validation of every other strategy's runs.
     """
     labels_cpu = labels.detach().cpu()
     tally.add(POINTING_GAME, pointing_hits(cams, labels_cpu, boxes, image_size))
     for strategy in keypoint_strategies():
-        tally.add(strategy, *keypoint_scores(strategy, cams, labels, labels_cpu, boxes, image_size, k, min_distance,
-                                             keypoint_rule))
+        if strategy in tally.dropped:
+            continue
+        try:
+            scored = keypoint_scores(strategy, cams, labels, labels_cpu, boxes, image_size, k, min_distance,
+                                     keypoint_rule)
+        except KeypointError as exc:
+            if not STRATEGIES[strategy].plugin:
+                raise
+            tally.drop(strategy, str(exc))
+            continue
+        tally.add(strategy, *scored)
 
 
 def flat_summary(tally: HitTally) -> dict[str, float]:
-    """{pointing_game, hit_rate_<strategy>, box_distance_<strategy>}: flat keys for histories and scalars."""
+    """{pointing_game, hit_rate_<strategy>, box_distance_<strategy>}: flat keys for histories and scalars
+    (none for a strategy the tally dropped)."""
     summary = tally.summary()
     out = {POINTING_GAME: summary.get(POINTING_GAME, {}).get("hit_rate", float("nan"))}
     for strategy in keypoint_strategies():
+        if strategy in tally.dropped:
+            continue
         row = summary.get(strategy, {})
         out[f"hit_rate_{strategy}"] = row.get("hit_rate", float("nan"))
         out[f"box_distance_{strategy}"] = row.get("distance", float("nan"))
@@ -108,5 +123,5 @@ def format_summary(summary: dict[str, float]) -> str:
     parts = [f"pointing {summary[POINTING_GAME]:.1f}%"]
     names = display_names()
     parts += [f"{names[s]} {summary[f'hit_rate_{s}']:.1f}% ({summary[f'box_distance_{s}']:.1f}px)"
-              for s in keypoint_strategies()]
+              for s in keypoint_strategies() if f"hit_rate_{s}" in summary]
     return "hits: " + " ".join(parts)

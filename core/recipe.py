@@ -6,7 +6,8 @@ change that would make the finished run a mix of two recipes. Only the flags def
 core/config.py may differ: where files are, how many workers load them, how often to log or save, and
 two memory knobs (accum_steps and patch_chunk split the same batch into smaller forwards: the result
 changes by float summation order only, and the change is recorded in the history's "resumes"). Every
-other flag is compared, including ones added later.
+other flag is compared, including ones added later. max_iterations is the one free flag that changes a
+result (where the run stops): comparisons (core/groups.py) compare the iteration each run finished at instead.
 """
 from __future__ import annotations
 

@@ -49,27 +49,35 @@ class LossTerm(NamedTuple):
 class StepStats:
     """A step's statistics by name, in one tensor on the device: reading a value syncs, the step never does.
 
-    The total loss and its terms come first (`losses` names), then the other statistics; a position or a
+    The total loss and its terms come first (`losses` names), then the other logged statistics, then the
+    checks that the loop's guards read but do not log (up to `logged`, a name is logged). A position or a
     slice reads that tensor directly (stats[1:4]: the class, p_class and re losses), a name one value.
     """
 
     names: tuple[str, ...]
     values: torch.Tensor
     losses: int
+    logged: int
 
     @classmethod
-    def of(cls, losses: dict[str, torch.Tensor], others: dict[str, torch.Tensor]) -> StepStats:
-        return cls((*losses, *others), torch.stack([*losses.values(), *others.values()]), len(losses))
+    def of(cls, losses: dict[str, torch.Tensor], others: dict[str, torch.Tensor],
+           checks: dict[str, torch.Tensor] | None = None) -> StepStats:
+        named = {**losses, **others, **(checks or {})}
+        return cls(tuple(named), torch.stack(list(named.values())), len(losses), len(losses) + len(others))
 
     def __getitem__(self, key: int | slice | str) -> torch.Tensor:
         return self.values[self.names.index(key)] if isinstance(key, str) else self.values[key]
 
     def with_values(self, values: torch.Tensor) -> StepStats:
-        return StepStats(self.names, values, self.losses)
+        return StepStats(self.names, values, self.losses, self.logged)
 
     @property
     def loss_names(self) -> tuple[str, ...]:
         return self.names[:self.losses]
+
+    @property
+    def logged_names(self) -> tuple[str, ...]:
+        return self.names[:self.logged]
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -232,8 +240,9 @@ def tile_maps_of_tasks(ctx: StepContext, images: torch.Tensor, image_index: torc
 
 
 def loss_terms(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
-               alpha_re: float) -> tuple[list[LossTerm], dict[str, torch.Tensor]]:
-    """The loss terms of a micro-batch, the first unweighted, and the step's other statistics (detached).
+               alpha_re: float) -> tuple[list[LossTerm], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The loss terms of a micro-batch (the first unweighted), the step's other statistics (logged) and its
+    checks (read by the loop's guards, not logged), all on the device.
 
     A new term is one more LossTerm here: the total, the history and the log follow its name.
     """
@@ -243,7 +252,7 @@ def loss_terms(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, lab
         class_loss = classification_loss(logits.float(), labels)
     zero = class_loss.detach() * 0
     p_class_loss = re_loss = zero
-    num_tasks, distance = zero, zero
+    num_tasks, distance, outside = zero, zero, zero
     if ctx.strategy.puzzle:
         height, width = images.shape[-2:]
         tasks = build_tasks(ctx.strategy, make_cams(features.detach().float()), labels, labels_cpu,
@@ -257,20 +266,23 @@ def loss_terms(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, lab
         num_tasks = zero + len(tasks)
         # from Python scalars: no host-to-device copy, no sync
         distance = torch.hypot(cuts[:, 0] - height / 2, cuts[:, 1] - width / 2).mean() if len(tasks) else zero
+        if tasks.outside is not None:  # a count on the device: the trainer reads it at its next sync
+            outside = zero + tasks.outside
     terms = [LossTerm("class_loss", None, class_loss), LossTerm("p_class_loss", args.alpha_p, p_class_loss),
              LossTerm("re_loss", alpha_re, re_loss)]
-    return terms, {"tasks_per_batch": num_tasks, "keypoint_distance": distance}
+    # cuts_outside: the strategy's cuts outside [1, size - 1] (core/strategies.py), a check of the plug-in contract
+    return terms, {"tasks_per_batch": num_tasks, "keypoint_distance": distance}, {"cuts_outside": outside}
 
 
 def forward_losses(ctx: StepContext, images: torch.Tensor, labels: torch.Tensor, labels_cpu: torch.Tensor,
                    alpha_re: float) -> tuple[torch.Tensor, StepStats]:
     """Total loss of a micro-batch (the weighted sum of loss_terms, in their order) and its stats."""
-    terms, others = loss_terms(ctx, images, labels, labels_cpu, alpha_re)
+    terms, others, checks = loss_terms(ctx, images, labels, labels_cpu, alpha_re)
     loss = terms[0].value
     for term in terms[1:]:
         loss = loss + term.weight * term.value
     losses = {"loss": loss.detach(), **{term.name: term.value.detach() for term in terms}}
-    return loss, StepStats.of(losses, others)
+    return loss, StepStats.of(losses, others, checks)
 
 
 def device_images(images: torch.Tensor | PackedImages, device: torch.device, channels_last: bool) -> torch.Tensor:

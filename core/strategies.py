@@ -14,14 +14,17 @@ all see it without any edit here (docs/extending.md). This module imports no plu
 """
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from core.keypoints import argmax_cuts, topk_mean_cuts, topk_weighted_cuts, upsample_maps
+from tools.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,12 @@ KEYPOINT_DEFAULTS = KeypointContext(k=5, min_distance=20, keypoint_rule="referen
 
 # (N, H, W) float maps upsampled to the input size -> (N, 2) long (y, x) cuts, each in [1, size - 1]
 KeypointFunction = Callable[[Tensor, KeypointContext], Tensor]
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+CONTRACT = "docs/extending.md#the-keypoint-function"
+
+
+class KeypointError(UserError):
+    """A strategy's keypoint function raised or broke its contract: one line naming the strategy and the rule."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,14 @@ class Strategy:
     def cuts_at_keypoint(self) -> bool:
         """Whether its cut depends on the CAM: it then has a hit rate and a tile split worth drawing."""
         return self.puzzle and self.keypoints is not None
+
+    @property
+    def plugin(self) -> bool:
+        """Registered by a module other than this one (a file of strategies/, or a test)."""
+        return self.module != __name__
+
+    def keypoint_error(self, rule: str) -> KeypointError:
+        return KeypointError(f"strategy {self.name} ({self.module}): {rule}; fix its keypoint function ({CONTRACT})")
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -137,9 +154,65 @@ class Tasks:
     image_index: torch.Tensor  # (N,) long: the image each task cuts
     keypoints: torch.Tensor  # (N, 2) long (y, x) cut positions in input pixels, each in [1, size - 1]
     targets: torch.Tensor  # (N, C) float
+    # 0-dim long on the keypoints' device: how many of the strategy's cuts lay outside [1, size - 1] (those
+    # are clamped in `keypoints`); None for the fixed centre. Read it where the caller syncs anyway.
+    outside: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.image_index.shape[0])
+
+    def check_inside(self, strategy: Strategy) -> None:
+        """Raise KeypointError if a cut lay outside [1, size - 1] (reads the count: a host sync)."""
+        count = int(self.outside) if self.outside is not None else 0
+        if count:
+            raise strategy.keypoint_error(outside_rule(count, len(self)))
+
+
+def outside_rule(count: int, total: int) -> str:
+    """The range rule, as a violation of it is reported."""
+    return (f"its (y, x) cuts must lie in [1, size - 1] (a cut at 0 or at the full size leaves a tile empty), "
+            f"{count} of {total} did not")
+
+
+def checked_cuts(strategy: Strategy, maps: Tensor, ctx: KeypointContext) -> Tensor:
+    """The strategy's cuts of `maps`, their type, shape, dtype and device checked (metadata only: no sync).
+
+    A plug-in's exception becomes a KeypointError naming the strategy and where it was raised; a built-in
+    strategy's propagates as it is (a bug, with its traceback).
+    """
+    if not strategy.plugin:
+        cuts = strategy.keypoints(maps, ctx)
+    else:
+        try:
+            cuts = strategy.keypoints(maps, ctx)
+        except Exception as exc:
+            frames = traceback.extract_tb(exc.__traceback__)
+            home = getattr(getattr(strategy.keypoints, "__code__", None), "co_filename", None)
+            frame = ([f for f in frames if f.filename == home] or frames)[-1]  # the deepest line of the plug-in
+            message = " ".join(str(exc).split())
+            raise strategy.keypoint_error(f"its keypoint function raised {type(exc).__name__}: {message} (at "
+                                          f"{Path(frame.filename).name}:{frame.lineno})") from exc
+    if not isinstance(cuts, Tensor):
+        raise strategy.keypoint_error(f"it must return a torch.Tensor of (y, x) cuts, got {type(cuts).__name__}")
+    if tuple(cuts.shape) != (maps.shape[0], 2):
+        raise strategy.keypoint_error(f"its cuts must have shape (N, 2), one (y, x) row per map, got "
+                                      f"{tuple(cuts.shape)} for N = {maps.shape[0]}")
+    if cuts.dtype not in INTEGER_DTYPES:
+        raise strategy.keypoint_error(f"its cuts must be integer pixel positions (torch.int64), got {cuts.dtype}")
+    if cuts.device != maps.device:
+        raise strategy.keypoint_error(f"its cuts must be on the maps' device ({maps.device}), got {cuts.device}")
+    return cuts
+
+
+def inside_cuts(cuts: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """(cuts clamped into [1, size - 1] as int64, how many were outside as a 0-dim tensor): device ops only.
+
+    A cut already inside is unchanged. One outside is clamped only so that the step that uses it stays
+    inside the image until its caller reads the count and stops (the trainer does at its next sync).
+    """
+    cuts = cuts.long()
+    inside = torch.stack((cuts[:, 0].clamp(1, height - 1), cuts[:, 1].clamp(1, width - 1)), dim=1)
+    return inside, (inside != cuts).any(dim=1).sum()
 
 
 def task_pairs(labels_cpu: torch.Tensor, per_class: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -157,7 +230,8 @@ def build_tasks(strategy: Strategy, cams: torch.Tensor, labels: torch.Tensor, la
     """Tasks of a batch from its (detached) CAMs (B, C, h, w) and labels (B, C) on the CAMs' device.
 
     The keypoints are the cut positions themselves (core.keypoints' rules, `keypoint_rule`
-    reference or clean); nothing is clamped afterwards.
+    reference or clean). The strategy's contract is checked here: its result's shape, dtype and device on
+    the host (a violation raises KeypointError), its range on the device (`Tasks.outside`, no sync).
     """
     device = cams.device
     image_index, class_index = task_pairs(labels_cpu, strategy.per_class)
@@ -177,5 +251,6 @@ def build_tasks(strategy: Strategy, cams: torch.Tensor, labels: torch.Tensor, la
     else:  # Max: merge on the h x w grid (max over the positive classes), then one upsample
         maps = (cams * labels[:, :, None, None]).amax(dim=1)
     maps = upsample_maps(maps.float(), (height, width))
-    keypoints = strategy.keypoints(maps, KeypointContext(k, min_distance, keypoint_rule, radius))
-    return Tasks(image_index, keypoints, targets)
+    cuts = checked_cuts(strategy, maps, KeypointContext(k, min_distance, keypoint_rule, radius))
+    keypoints, outside = inside_cuts(cuts, height, width)
+    return Tasks(image_index, keypoints, targets, outside)

@@ -22,7 +22,7 @@ from core.preemption import StopRequest, fault_hook, resolve_resume
 from core.recipe import check_resume, check_stop, current_script
 from core.runtime import Runtime, broadcast_buffers, rng_states, seed_everything, set_rng_states, setup_runtime
 from core.step import StepContext, StepStats, alpha_re_at, build_step, train_step
-from core.strategies import STRATEGIES
+from core.strategies import CONTRACT, STRATEGIES, outside_rule
 from core.tb_logging import close_writer, log_scalars, make_writer
 from tools.checkpoint import load_checkpoint_and_hash, plain_values, restore_states, save_checkpoint, write_json
 from tools.errors import UserError, run_cli, user_message
@@ -66,7 +66,10 @@ class Run:
         self.iteration, self.best_map = 0, -1.0
         self.window: StepStats | None = None  # the sum of the steps' stats since the last log line
         self.window_steps, self.window_start = 0, time.time()
-        self.bad: torch.Tensor | None = None  # the first non-finite step: its iteration, then its stats (-1: none)
+        # the first step with a non-finite loss, and the first whose cuts lay outside the image: [its iteration
+        # (1-based, as the logs and the progress bar count), its stats]; -1 while there is none (None: no step yet)
+        self.bad: torch.Tensor | None = None
+        self.saved_iteration: int | None = None  # of <tag>_last.pth, once this process wrote or loaded it
         self.wall_start = time.time()
         self.log = Logger(files.log, runtime.is_main, append=resume)
         self.writer = None
@@ -82,6 +85,7 @@ class Run:
         restore_states(ckpt, path, model=ctx.bare_student, teacher=ctx.bare_teacher, optimizer=ctx.optimizer,
                        scaler=ctx.scaler)
         self.iteration, self.best_map = ckpt["iteration"], ckpt["best_mAP"]
+        self.saved_iteration = self.iteration
         self.history = History.from_dict(ckpt["history"], config=self.config.copy())
         self.wall_start = time.time() - self.history.extra.get("wall_time", 0.0)
         set_rng_states(ckpt["rng"])
@@ -106,24 +110,47 @@ class Run:
         if validation and validation[-1]["iteration"] == self.iteration:
             validation[-1].setdefault("checkpoints", {})[which] = sha
 
+    def kept_state(self) -> str:
+        """What is left of the run when it stops now without saving: the last checkpoint, if there is one."""
+        last = self.files.checkpoint("last")
+        if not last.exists():
+            return "no checkpoint was written yet"
+        at = f" (iteration {self.saved_iteration})" if self.saved_iteration is not None else ""
+        return f"{last} keeps the last good state{at}"
+
     def check_finite(self) -> None:
+        """Stop (one line) at the first step whose loss was not finite or whose cuts left the image; one sync."""
         if self.bad is None:
             return
-        values = self.bad.tolist()
-        if values[0] >= 0:
-            terms = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.window.loss_names, values[1:]))
-            raise UserError(
-                f"non-finite loss at iteration {int(values[0])} ({terms}); stopped without saving, "
-                f"{self.files.checkpoint('last')} keeps the last good state — lower --lr or the loss weights"
-            )
+        names = self.window.names
+        (nan_at, *nan_stats), (cut_at, *cut_stats) = self.bad.tolist()
+        if cut_at >= 0 and (nan_at < 0 or cut_at <= nan_at):  # a cut outside the image can cause the divergence
+            count = round(cut_stats[names.index("cuts_outside")])
+            tasks = round(cut_stats[names.index("tasks_per_batch")])
+            strategy = self.ctx.strategy
+            raise UserError(f"strategy {strategy.name} ({strategy.module}) at iteration {int(cut_at)}: "
+                            f"{outside_rule(count, tasks)}; {self.stopped(int(cut_at))} — fix its keypoint function "
+                            f"({CONTRACT})")
+        if nan_at >= 0:
+            terms = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.window.loss_names, nan_stats))
+            raise UserError(f"non-finite loss at iteration {int(nan_at)} ({terms}); {self.stopped(int(nan_at))} — "
+                            "lower --lr or the loss weights")
+
+    def stopped(self, bad_at: int) -> str:
+        # the steps run ahead of the checks (no sync per step): say where the run is when it stops
+        late = self.iteration > bad_at
+        seen = f"found at iteration {self.iteration}, when the step statistics were next read; " if late else ""
+        return f"{seen}stopped without saving, {self.kept_state()}"
 
     def check_weights(self) -> None:
-        """A step can overflow the weights even when its loss was finite: never save those."""
-        if not torch.stack([p.detach().isfinite().all() for p in self.ctx.bare_student.parameters()]).all():
-            raise UserError(
-                f"non-finite weights after iteration {self.iteration} (the loss diverged); stopped without saving, "
-                f"{self.files.checkpoint('last')} keeps the last good state — lower --lr or the loss weights"
-            )
+        """A step can overflow the weights or BatchNorm's running statistics (the eval-mode forward's) even when
+        its loss was finite: never evaluate or save those. One sync."""
+        networks = [n for n in (self.ctx.bare_student, self.ctx.bare_teacher) if n is not None]
+        values = [t for n in networks for t in n.state_dict().values() if t.is_floating_point()]
+        if not torch.stack([t.isfinite().all() for t in values]).all():
+            raise UserError(f"non-finite weights or BatchNorm statistics at iteration {self.iteration} (the training "
+                            f"diverged while its losses were finite); {self.stopped(self.iteration)} — lower --lr or "
+                            "the loss weights")
 
     def save(self, which: str) -> None:
         self.check_finite()
@@ -132,6 +159,8 @@ class Run:
             self.record_checkpoint(which, save_checkpoint(self.checkpoint_state(), self.files.checkpoint(which)))
             if which == "last":
                 write_json(self.history.as_dict(), self.files.history)
+        if which == "last":
+            self.saved_iteration = self.iteration
 
     # ------------------------------------------------------------------------- logging
     def log_header(self, chance: float) -> None:
@@ -153,20 +182,23 @@ class Run:
             self.log(f"# data: {note}")
 
     def record_step(self, stats: StepStats) -> None:
-        """Accumulate a step's stats on the device; remember the first non-finite loss (no sync)."""
-        if self.window is None:
-            self.window = stats.with_values(torch.zeros_like(stats.values))
-            self.bad = stats.values.new_full((1 + len(stats.names),), -1.0)
-        self.window.values.add_(stats.values)
+        """Accumulate the stats of the step just done (iteration `self.iteration`, 1-based) on the device;
+        remember the first non-finite one and the first with cuts outside the image (no sync)."""
         values = stats.values
-        first_bad = ~torch.isfinite(values[:stats.losses]).all() & (self.bad[0] < 0)
-        self.bad.copy_(torch.where(first_bad, torch.cat([values.new_full((1,), self.iteration), values]), self.bad))
+        if self.window is None:
+            self.window = stats.with_values(torch.zeros_like(values))
+            self.bad = values.new_full((2, 1 + len(stats.names)), -1.0)
+        self.window.values.add_(values)
+        step = torch.cat([values.new_full((1,), self.iteration), values])
+        bad = torch.stack([~torch.isfinite(values[:stats.losses]).all(), stats["cuts_outside"] > 0])
+        first = bad & (self.bad[:, 0] < 0)
+        self.bad.copy_(torch.where(first[:, None], step, self.bad))
         self.window_steps += 1
 
     def log_train(self) -> None:
         self.check_finite()
         window = self.window
-        mean = dict(zip(window.names, (window.values / self.window_steps).tolist()))
+        mean = dict(zip(window.logged_names, (window.values / self.window_steps).tolist()))
         it, args = self.iteration, self.args
         alpha_re = alpha_re_at(args, it - 1, self.total)  # of the step just done
         losses = {name: mean.pop(name) for name in window.loss_names}
@@ -187,6 +219,7 @@ class Run:
     # ------------------------------------------------------------------------- validation
     def validate(self, chance: float) -> None:
         self.check_finite()
+        self.check_weights()  # non-finite weights would make non-finite scores, which no AP can rank
         args, runtime, data, ctx = self.args, self.runtime, self.data, self.ctx
         # the bare module under DDP: ranks may run different numbers of eval batches, so no
         # collective may hide in the forward
@@ -194,8 +227,13 @@ class Run:
         for network in (ctx.bare_student, ctx.bare_teacher):
             if network is not None:
                 broadcast_buffers(network, runtime)
+        skipped = self.history.extra.get("skipped_strategies", {})  # plug-ins whose keypoints failed in this run
         result = evaluate(model, data.val_set, data.val_targets, data.val_ignore, args, runtime, ctx.autocast, "val",
-                          boxes=data.val_boxes)
+                          boxes=data.val_boxes, skip=skipped)
+        for name, reason in result.get("skipped_strategies", {}).items():
+            if name not in skipped:  # once per run; the run and its checkpoints go on
+                self.log(f"# warning: {reason}; its hit rate is left out of this run's validations")
+                self.history.extra.setdefault("skipped_strategies", {})[name] = reason
         localisation = result.get("localisation", {})  # needs boxes: VOC only
         record = {"epoch": round(self.iteration / self.iters_per_epoch, 3), "iteration": self.iteration,
                   "mAP": result["mAP"], "mAP_voc": result["mAP_voc"], "eval_class_loss": result["eval_class_loss"],
@@ -253,8 +291,9 @@ class Run:
                     sampler.set_epoch(self.iteration // self.iters_per_epoch, self.iteration % self.iters_per_epoch)
                     batches = iter(self.data.loader)
                 micro_batches = [next(batches)[:2] for _ in range(args.accum_steps)]
-                self.record_step(train_step(self.ctx, micro_batches, self.iteration, self.total))
+                stats = train_step(self.ctx, micro_batches, self.iteration, self.total)
                 self.iteration += 1
+                self.record_step(stats)
                 progress.update(1)
                 end_of_epoch = self.iteration % self.iters_per_epoch == 0
                 if end_of_epoch:

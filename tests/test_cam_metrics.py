@@ -144,3 +144,21 @@ def test_hit_tally_merges_and_summarises():
     summary = a.summary()
     assert summary["cmax"] == {"hit_rate": pytest.approx(100 / 3), "count": 3, "distance": 1.5}
     assert summary["pointing_game"] == {"hit_rate": pytest.approx(200 / 3), "count": 3}
+
+
+def test_a_strategy_dropped_on_one_rank_is_dropped_from_the_merged_tally():
+    """DDP: a plug-in that fails on one rank's images is left out of the merged rates (not a rate over the
+    other ranks' images), whichever side of the merge dropped it."""
+    a, b = HitTally(), HitTally(dropped={"old": "failed before"})
+    a.add("plugin", [True, True], [0.0, 0.0])
+    a.add("cmax", [True], [0.0])
+    b.add("plugin", [False])
+    b.drop("plugin", "it raised")
+    b.add("plugin", [True])  # after the drop: ignored
+    b.add("cmax", [False], [2.0])
+    a.merge(b)
+    summary = a.summary()
+    assert set(summary) == {"cmax"} and summary["cmax"]["count"] == 2
+    assert a.dropped == {"old": "failed before", "plugin": "it raised"}
+    a.add("plugin", [True])
+    assert "plugin" not in a.summary()

@@ -24,7 +24,7 @@ from core.builder import make_cams as normalised_cams
 from core.evaluation import evaluate
 from core.localisation import keypoint_strategies, score_localisation
 from core.runtime import Runtime
-from core.strategies import STRATEGIES, build_tasks
+from core.strategies import STRATEGIES, Strategy, build_tasks, register_strategy
 from tools.augment import EvalTransform, normalize
 from tools.cam_metrics import HitTally
 from tools.voc import CLASS_INDEX, VOC_CLASSES, VOCClassification, labels_matrix, load_rgb_image, load_split
@@ -186,6 +186,24 @@ def test_evaluate_cams_matches_direct_miou_pointing_game_and_writes_pseudo_label
             mask = np.array(png)
         with np.load(made.folder / f"{image_id}.npz") as data:
             assert (mask == oracle_prediction(data["cams"], data["classes"], result["best_threshold"])).all()
+
+
+def test_evaluate_cams_skips_a_failing_plugin_with_one_warning(made, capsys):
+    def raising(maps, ctx):
+        raise RuntimeError("not today")
+
+    register_strategy(Strategy("broken_eval", "raises", True, True, raising, "teacher", module="tests.broken"))
+    try:
+        with pytest.warns(UserWarning, match=r"strategy broken_eval \(tests.broken\): its keypoint function raised "
+                          r"RuntimeError: not today .*; its hit rate is left out") as caught:
+            code, out, err = call(evaluate_cams.main, ["--tag", "rand", "--output_dir", made.exp], capsys)
+    finally:
+        STRATEGIES.pop("broken_eval")
+    assert code == 0 and len([w for w in caught if "broken_eval" in str(w.message)]) == 1, err
+    result = json.loads((made.exp / "data" / "rand_eval_cams_main_val.json").read_text())
+    assert "broken_eval" not in result["localisation"]
+    pairs = int(labels_matrix(made.split).sum())
+    assert [result["localisation"][s]["count"] for s in ("pointing_game", "cmax", "ctopk", "ctopk_w")] == [pairs] * 4
 
 
 def test_keypoint_hits_of_a_hand_made_case():

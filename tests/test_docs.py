@@ -23,6 +23,13 @@ def test_flags_page_matches_the_parser():
     assert page == flags_doc.render(), f"docs/flags.md is out of date; regenerate it with: {flags_doc.REGENERATE}"
 
 
+def test_extending_md_gives_the_steps_that_keep_the_flags_page_current():
+    """A new strategy changes the page (its --strategy choices), and only scripts of the pattern are listed."""
+    page = (ROOT / "docs" / "extending.md").read_text()
+    assert f"`{flags_doc.REGENERATE}`" in page and f"`{flags_doc.SCRIPT_PATTERN}`" in page
+    assert "tests/test_docs.py" in page
+
+
 # ----------------------------------------------------------------------------- commands
 def bash_commands(page: Path) -> list[tuple[int, str]]:
     """(line number, command) of every line of a ```bash block that starts with a launcher; `\\` continues."""

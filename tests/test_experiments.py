@@ -1,5 +1,6 @@
 """The miniature experiment's parts: the demo backbone, per-image validation scores, run_experiments.py over
-scripts x seeds, and compare_experiments.py's groups with their paired bootstrap (against a slow oracle)."""
+scripts x seeds, and compare_experiments.py's groups with their paired bootstrap (against a slow oracle) and
+the groups it refuses (recipes, run lengths, a repeated seed)."""
 from __future__ import annotations
 
 import json
@@ -267,6 +268,70 @@ def test_compare_groups_bad_input_and_older_runs(experiment, tmp_path, capsys):
     code, out, err = call(compare_experiments.main, ["--dir", folder.parent], capsys)
     line = one_error_line(code, err)
     assert "group ctopk_w mixes recipes" in line and "--lr" in line and not out
+
+
+def copy_run(folder: Path, tag: str, new_tag: str, **changes) -> dict:
+    """A copy of run `tag`'s history (and per-image scores) under `new_tag`, with `changes` to its top level."""
+    history = json.loads((folder / f"{tag}.json").read_text())
+    history["config"]["tag"] = new_tag
+    history.update(changes)
+    (folder / f"{new_tag}.json").write_text(json.dumps(history))
+    (folder / f"{new_tag}_val_scores.npz").write_bytes((folder / f"{tag}_val_scores.npz").read_bytes())
+    return history
+
+
+def test_compare_refuses_mixed_lengths_and_repeated_seeds(experiment, tmp_path, capsys):
+    """Free on --resume, --max_iterations still makes another result; and one seed twice is not a spread."""
+    import shutil
+
+    folder = Path(shutil.copytree(experiment.out / "data", tmp_path / "exp" / "data"))
+    # a longer run of the same recipe, seed 2: continued with a larger --max_iterations
+    longer = copy_run(folder, "t@ctopk_w@seed1", "u@ctopk_w@seed2", finished_iteration=3)
+    longer["config"]["seed"] = 2
+    longer["validation"][-1]["iteration"] = 3
+    (folder / "u@ctopk_w@seed2.json").write_text(json.dumps(longer))
+    code, out, err = call(compare_experiments.main, ["--dir", folder.parent, "--baseline", "none"], capsys)
+    line = one_error_line(code, err)
+    assert not out and line.startswith("error: group ctopk_w mixes run lengths: t@ctopk_w@seed0 and t@ctopk_w@seed1 "
+                                       "at iteration 2; u@ctopk_w@seed2 at iteration 3")
+    assert "--filter TEXT" in line
+    code, out, err = call(compare_experiments.main, ["--dir", folder.parent, "--filter", "t@"], capsys)
+    assert code == 0 and "| ctopk_w | 2 |" in out, err
+    code, out, _ = call(compare_experiments.main, ["--dir", folder.parent, "--runs"], capsys)
+    assert code == 0 and "u@ctopk_w@seed2" in out  # one row per run: nothing is averaged, nothing to refuse
+    (folder / "u@ctopk_w@seed2.json").unlink()
+
+    # a run stopped (or still going) without finished_iteration: its last recorded iteration is its length
+    unfinished = json.loads((folder / "t@ctopk_w@seed0.json").read_text())
+    del unfinished["finished_iteration"]
+    (folder / "t@ctopk_w@seed0.json").write_text(json.dumps(unfinished))
+    code, out, err = call(compare_experiments.main, ["--dir", folder.parent], capsys)
+    assert code == 0 and "| ctopk_w | 2 |" in out, err
+    unfinished["validation"], unfinished["train"] = unfinished["validation"][:0], unfinished["train"][:1]
+    unfinished["train"][0]["iteration"] = 1
+    (folder / "t@ctopk_w@seed0.json").write_text(json.dumps(unfinished))
+    code, _, err = call(compare_experiments.main, ["--dir", folder.parent], capsys)
+    assert "t@ctopk_w@seed0 at iteration 1; t@ctopk_w@seed1 at iteration 2" in one_error_line(code, err)
+    (folder / "t@ctopk_w@seed0.json").unlink()
+
+    # the same seed under two tags (two demo runs of seed 0, say)
+    copy_run(folder, "t@none@seed0", "again@none@seed0")
+    code, out, err = call(compare_experiments.main, ["--dir", folder.parent, "--baseline", "none"], capsys)
+    line = one_error_line(code, err)
+    assert not out and line.startswith("error: group none holds a seed twice: seed 0 in again@none@seed0 and "
+                                       "t@none@seed0")
+    assert "--filter TEXT" in line
+    code, out, err = call(compare_experiments.main, ["--dir", folder.parent, "--filter", "t@"], capsys)
+    assert code == 0 and "| none | 2 |" in out, err
+
+
+def test_run_experiments_help_says_unknown_flags_go_to_every_run(capsys):
+    code, out, _ = call(run_experiments.main, ["--help"], capsys)
+    assert code == 0 and "Every flag not listed below is passed to every run unchanged" in out
+    example = next(line.split() for line in out.splitlines() if line.strip().startswith("python run_experiments.py"))
+    args, passed = run_experiments.build_parser().parse_known_args(example[2:])
+    assert args.seeds == [0, 1] and passed == ["--demo", "--max_iterations", "20"]
+    assert parse_args({}, passed).max_iterations == 20
 
 
 # ----------------------------------------------------------------------------- the guard against exploding steps

@@ -1,5 +1,7 @@
 """Resume, atomic writes, signals and the refusal to overwrite a run."""
 import errno
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -163,10 +165,85 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_voc, tmp_
     assert res.returncode == 2, res.stderr[-2000:]
     assert "non-finite" in res.stderr and "iteration" in res.stderr and "Traceback" not in res.stderr
     # progress bars may come first; the error itself is one line, the last one
-    assert res.stderr.strip().splitlines()[-1].startswith("error: non-finite")
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: non-finite")
     last = out / "models" / "boom_last.pth"
-    if last.exists():  # whatever was saved holds finite weights only
+    if last.exists():  # whatever was saved holds finite weights only, and the message names it
         assert all(torch.isfinite(v.float()).all() for v in load(last)["model"].values())
+        assert f"{last} keeps the last good state (iteration {load(last)['iteration']})" in line
+    else:
+        assert "no checkpoint was written yet" in line and "_last.pth" not in line
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("nan_from,save_every", [(1, 0), (3, 2)], ids=["before_the_first_save", "after_it"])
+def test_divergence_names_its_iteration_and_only_a_checkpoint_that_exists(nan_from, save_every, tiny_voc, tmp_path,
+                                                                        monkeypatch, capsys):
+    """The losses turn non-finite from iteration `nan_from` (counted like the logs, 1-based); the run reads them
+    at its log line of iteration 4 (print_ratio 1: once per 4-iteration epoch) or at a save."""
+    import core.trainer
+    from core.config import parse_args
+    from core.trainer import train
+    from tools.errors import run_cli
+
+    real_step = core.trainer.train_step
+
+    def diverging_step(ctx, micro_batches, iteration, total):
+        stats = real_step(ctx, micro_batches, iteration, total)
+        return stats.with_values(stats.values * float("nan")) if iteration + 1 >= nan_from else stats
+
+    monkeypatch.setattr(core.trainer, "train_step", diverging_step)
+    out = tmp_path / "exp"
+    argv = ["--data_dir", str(tiny_voc), *FLAGS, "--output_dir", str(out), "--tag", "nan", "--print_ratio", "1",
+            "--max_iterations", "4", "--save_every", str(save_every)]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: train(parse_args({"strategy": "none"}, argv)))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and line.startswith(f"error: non-finite loss at iteration {nan_from} (loss=nan")
+    assert "found at iteration 4, when the step statistics were next read; stopped without saving" in line
+    last = out / "models" / "nan_last.pth"
+    if save_every == 0:
+        assert "no checkpoint was written yet" in line and not last.exists()
+    else:  # the save at iteration 2 stays, and the history that names it
+        assert f"{last} keeps the last good state (iteration 2)" in line
+        saved = load(last)
+        assert saved["iteration"] == 2 and all(torch.isfinite(v.float()).all() for v in saved["model"].values())
+        history = json.loads((out / "data" / "nan.json").read_text())
+        assert history["checkpoint_sha256"]["last"] == hashlib.sha256(last.read_bytes()).hexdigest()
+        assert history["config"]["tag"] == "nan" and not history["train"] and not history["validation"]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_non_finite_batchnorm_statistics_stop_before_the_validation(tiny_voc, tmp_path, monkeypatch, capsys):
+    """Train-mode losses use the batch's statistics and stay finite while the running ones overflow (seen with
+    --lr 1e6): the eval-mode forward would then score NaN, which no AP can rank. The run stops in one line."""
+    import core.trainer
+    from core.config import parse_args
+    from core.trainer import train
+    from tools.errors import run_cli
+
+    real_step = core.trainer.train_step
+
+    def overflowing_step(ctx, micro_batches, iteration, total):
+        stats = real_step(ctx, micro_batches, iteration, total)
+        if iteration + 1 == 3:
+            next(m for m in ctx.bare_student.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(
+                float("inf"))
+        return stats
+
+    monkeypatch.setattr(core.trainer, "train_step", overflowing_step)
+    out = tmp_path / "exp"
+    argv = ["--data_dir", str(tiny_voc), *FLAGS, "--output_dir", str(out), "--tag", "bn", "--print_ratio", "1",
+            "--max_iterations", "4", "--save_every", "2"]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: train(parse_args({"strategy": "none"}, argv)))
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "Traceback" not in err
+    last = out / "models" / "bn_last.pth"
+    assert line.startswith("error: non-finite weights or BatchNorm statistics at iteration 4 ")
+    assert f"stopped without saving, {last} keeps the last good state (iteration 2)" in line
+    assert load(last)["iteration"] == 2 and not (out / "models" / "bn_best.pth").exists()
 
 
 def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):

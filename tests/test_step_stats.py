@@ -66,10 +66,10 @@ def test_a_loss_term_added_in_the_step_reaches_the_total_the_history_and_the_log
     seen = []
 
     def with_extra_term(ctx, images, labels, labels_cpu, alpha_re):
-        terms, others = original(ctx, images, labels, labels_cpu, alpha_re)
+        terms, others, checks = original(ctx, images, labels, labels_cpu, alpha_re)
         extra = core.step.LossTerm("logit_norm_loss", weight, terms[0].value * 0 + images.float().abs().mean())
         seen.append(([t.value.detach().clone() for t in terms] + [extra.value.detach().clone()], alpha_re))
-        return [*terms, extra], others
+        return [*terms, extra], others, checks
 
     monkeypatch.setattr(core.step, "loss_terms", with_extra_term)
     history = short_run(tiny_voc, tmp_path, ["--max_iterations", "2", "--print_ratio", "0.25"])
@@ -86,6 +86,7 @@ def test_a_loss_term_added_in_the_step_reaches_the_total_the_history_and_the_log
 
 def test_step_stats_read_by_name_and_by_position():
     losses = {"loss": torch.tensor(3.0), "class_loss": torch.tensor(1.0), "p_class_loss": torch.tensor(2.0)}
-    stats = core.step.StepStats.of(losses, {"tasks_per_batch": torch.tensor(4.0)})
+    stats = core.step.StepStats.of(losses, {"tasks_per_batch": torch.tensor(4.0)}, {"cuts_outside": torch.tensor(0.0)})
     assert stats.loss_names == ("loss", "class_loss", "p_class_loss")
+    assert stats.logged_names == (*stats.loss_names, "tasks_per_batch")  # checks are read, not logged
     assert float(stats["tasks_per_batch"]) == 4.0 and stats[1:3].tolist() == [1.0, 2.0]

@@ -196,17 +196,30 @@ class HitTally:
 
     hits: dict[str, list[np.ndarray]] = field(default_factory=dict)
     distances: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)  # name -> why it is no longer scored (left out)
 
     def add(self, name: str, hits: np.ndarray, distances: np.ndarray | None = None) -> None:
+        if name in self.dropped:
+            return
         self.hits.setdefault(name, []).append(np.asarray(hits, bool).reshape(-1))
         if distances is not None:
             self.distances.setdefault(name, []).append(np.asarray(distances, np.float64).reshape(-1))
 
+    def drop(self, name: str, reason: str) -> None:
+        """Stop scoring `name` and forget its points so far: a partial tally would be a rate over other points."""
+        self.hits.pop(name, None)
+        self.distances.pop(name, None)
+        self.dropped.setdefault(name, reason)
+
     def merge(self, other: HitTally) -> None:
+        for name, reason in other.dropped.items():
+            self.drop(name, reason)
         for name, parts in other.hits.items():
-            self.hits.setdefault(name, []).extend(parts)
+            if name not in self.dropped:
+                self.hits.setdefault(name, []).extend(parts)
         for name, parts in other.distances.items():
-            self.distances.setdefault(name, []).extend(parts)
+            if name not in self.dropped:
+                self.distances.setdefault(name, []).extend(parts)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """name -> {hit_rate (percent), distance (mean px over the points with a box), count}."""
