@@ -21,7 +21,7 @@ load_plugins()  # the --strategy choices, and every tool that reads a run's stra
 # the architecture (resnet18 from the demo backbone, tools/demo_backbone.py, the demo's stand-in for ImageNet),
 # the image size (112 px crops of 96-160 px resizes; min_distance 5 is the reference's 20 px at 512 scaled
 # to 112), the batch size (16), the epochs (3) and the data (the generated demo set). A script may still change
-# this recipe (its DEFAULTS' "demo_recipe"): only Max does, a measured exception (README, Results).
+# this recipe (its DEFAULTS' "demo_recipe"): only Max does, a measured exception (docs/miniature.md, Max).
 DEMO_DEFAULTS = dict(
     architecture="resnet18", pretrained="demo", image_size=112, min_image_size=96, max_image_size=160,
     batch_size=16, max_epoch=3, num_workers=1, min_distance=5,

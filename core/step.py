@@ -315,7 +315,7 @@ def train_step(ctx: StepContext, micro_batches: list, iteration: int, total: int
             loss, stats = forward_losses(ctx, images, labels, labels_cpu, alpha_re)
             ctx.scaler.scale(loss / count).backward()
         mean = mean + stats.values / count
-    if ctx.args.clip_grad_norm > 0:  # a guard, off in the reference (README, Results: why a demo run can explode)
+    if ctx.args.clip_grad_norm > 0:  # a guard, off in the reference (docs/miniature.md: why a demo run can collapse)
         ctx.scaler.unscale_(ctx.optimizer)
         torch.nn.utils.clip_grad_norm_(ctx.bare_student.parameters(), ctx.args.clip_grad_norm)
     ctx.scaler.step(ctx.optimizer)

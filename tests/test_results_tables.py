@@ -100,7 +100,8 @@ def test_update_docs_rewrites_a_stale_table(tmp_path, capsys):
     stale = tmp_path / "page.md"
     stale.write_text(f"text\n<!-- compare_experiments.py {flags} -->\n| stale |\n<!-- end of generated table -->\n")
     assert compare_experiments.main(["--update_docs", str(stale)]) is None
-    assert stale.read_text() == f"text\n<!-- compare_experiments.py {flags} -->\n{body}<!-- end of generated table -->\n"
+    end = "<!-- end of generated table -->"
+    assert stale.read_text() == f"text\n<!-- compare_experiments.py {flags} -->\n{body}{end}\n"
     assert "1 generated table(s), updated" in capsys.readouterr().out
 
 
