@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="experiments", help="the runs' output folder (holding data/)")
     p.add_argument("--baseline", nargs="+", default=[], metavar="GROUP",
                    help="groups to compare every other group against (e.g. puzzle none)")
-    p.add_argument("--filter", default=None, metavar="TEXT", help="only the runs whose tag contains TEXT")
+    p.add_argument("--filter", nargs="+", default=None, metavar="TEXT",
+                   help="only the runs whose tag contains TEXT (any of several: --filter @seed0 @seed1)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the validation images")
     p.add_argument("--bootstrap_seed", type=int, default=0)
     p.add_argument("--runs", action="store_true", help="one row per run instead of one per group")
@@ -74,7 +75,7 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def read_histories(folder: Path, contains: str | None = None) -> list[dict]:
+def read_histories(folder: Path, contains: list[str] | None = None) -> list[dict]:
     """Every run history under folder/data, sorted by tag; evaluation outputs and unreadable files skipped."""
     data = folder / "data"
     if not data.is_dir():
@@ -83,7 +84,7 @@ def read_histories(folder: Path, contains: str | None = None) -> list[dict]:
     for path in sorted(data.glob("*.json")):
         if "_eval_" in path.name:  # evaluate_classification.py results, not run histories
             continue
-        if contains is not None and contains not in path.stem:
+        if contains is not None and not any(text in path.stem for text in contains):
             continue
         try:
             history = json.loads(path.read_text())
@@ -96,7 +97,7 @@ def read_histories(folder: Path, contains: str | None = None) -> list[dict]:
         history["config"].setdefault("tag", path.stem)
         histories.append(history)
     if not histories:
-        which = f" whose tag contains {contains!r}" if contains is not None else ""
+        which = f" whose tag contains {' or '.join(map(repr, contains))}" if contains is not None else ""
         raise UserError(f"no run histories{which} in {data}; train a run with --output_dir {folder} first")
     return sorted(histories, key=lambda h: str(h["config"]["tag"]))
 
