@@ -34,8 +34,8 @@ import sys
 from pathlib import Path
 
 from core.config import OneLineParser
-from core.groups import compare_groups
 from tools.errors import UserError, run_cli
+from tools.groups import compare_groups
 
 REPO = Path(__file__).resolve().parent
 # A table in README.md or docs/ that this tool generated: the flags that regenerate it (paths relative to the

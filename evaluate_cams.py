@@ -32,16 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.config import OneLineParser
-from core.inspection import (
-    add_run_args,
-    cam_folder,
-    data_root,
-    default_split,
-    make_folder,
-    read_checkpoint,
-    resolve_checkpoint,
-    safe_name,
-)
+from core.inspection import read_checkpoint
 from core.localisation import POINTING_GAME, display_names, keypoint_strategies, score_localisation
 from tools.cam_files import cam_file, ids_sha256, load_cams, provenance_mismatch, read_metadata
 from tools.cam_metrics import (
@@ -56,6 +47,8 @@ from tools.cam_metrics import (
     threshold_confusions,
 )
 from tools.errors import UserError, run_cli
+from tools.run_files import cam_folder, resolve_checkpoint, safe_name
+from tools.run_inputs import add_run_args, data_root, default_split, make_folder
 from tools.voc import VOC_CLASSES, Annotation, VOCSplit, load_split
 
 DEFAULT_THRESHOLDS = "0.05:0.60:0.05"

@@ -27,21 +27,15 @@ from torch.utils.data import DataLoader
 
 from core.builder import OUTPUT_STRIDE
 from core.config import OneLineParser
-from core.inspection import (
-    LoadedRun,
-    add_run_args,
-    describe_provenance,
-    load_run,
-    make_folder,
-    open_run_split,
-    safe_name,
-)
+from core.inspection import LoadedRun, describe_provenance, load_run
 from core.runtime import AMP_DTYPES, autocast_settings, choose_device, loader_workers
 from tools.augment import EvalTransform
 from tools.datasets import dataset_images
 from tools.errors import UserError, run_cli
 from tools.images import MultiLabelImages
 from tools.metrics import THRESHOLD_METRICS, mean_average_precision, multilabel_metrics
+from tools.run_files import safe_name
+from tools.run_inputs import add_run_args, make_folder, open_run_split
 from tools.voc import VOC_CLASSES
 
 

@@ -16,23 +16,19 @@ import numpy as np
 import torch
 
 from core.config import OneLineParser
-from core.inspection import (
-    add_run_args,
-    cam_overlay,
-    denormalize,
-    describe_provenance,
-    eval_input,
-    load_run,
-    make_folder,
-    open_image,
-    predict_with_cams,
-    resize_long_side,
-    run_class_names,
-    safe_name,
-    save_png,
-)
+from core.inspection import cam_overlay, denormalize, describe_provenance, load_run, predict_with_cams
 from core.runtime import choose_device
 from tools.errors import UserError, run_cli
+from tools.run_files import safe_name
+from tools.run_inputs import (
+    add_run_args,
+    eval_input,
+    make_folder,
+    open_image,
+    resize_long_side,
+    run_class_names,
+    save_png,
+)
 from tools.voc import VOC_CLASSES
 
 PROTOCOL = ("Each image is resized so that its long side is the run's --image_size (bicubic), then normalised and "

@@ -29,16 +29,7 @@ from tqdm import tqdm
 
 from core.builder import OUTPUT_STRIDE
 from core.config import OneLineParser
-from core.inspection import (
-    LoadedRun,
-    add_run_args,
-    cam_folder,
-    data_root,
-    default_split,
-    describe_provenance,
-    load_run,
-    make_folder,
-)
+from core.inspection import LoadedRun, describe_provenance, load_run
 from core.runtime import AMP_DTYPES, choose_device, loader_workers
 from evaluate_classification import parse_scales, run_autocast
 from tools.augment import normalize
@@ -52,6 +43,8 @@ from tools.cam_files import (
     write_metadata,
 )
 from tools.errors import UserError, run_cli
+from tools.run_files import cam_folder
+from tools.run_inputs import add_run_args, data_root, default_split, make_folder
 from tools.voc import BadImageError, labels_matrix, load_rgb_image, load_split
 
 DEFAULT_SCALES = "1.0,0.5,1.5,2.0"

@@ -26,26 +26,23 @@ import numpy as np
 import torch
 
 from core.config import OneLineParser
-from core.inspection import (
-    add_run_args,
-    cam_overlay,
-    denormalize,
-    eval_input,
-    load_run,
-    make_folder,
-    open_image,
-    open_run_split,
-    predict_with_cams,
-    run_class_names,
-    safe_name,
-    save_png,
-)
+from core.inspection import cam_overlay, denormalize, load_run, predict_with_cams
 from core.keypoints import top_k_peaks
 from core.puzzle import split_at_keypoints
 from core.runtime import choose_device
 from core.strategies import STRATEGIES, KeypointError, build_tasks
 from tools.errors import UserError, run_cli
 from tools.images import load_rgb_image
+from tools.run_files import safe_name
+from tools.run_inputs import (
+    add_run_args,
+    eval_input,
+    make_folder,
+    open_image,
+    open_run_split,
+    run_class_names,
+    save_png,
+)
 from tools.voc import VOC_CLASSES
 
 

@@ -7,7 +7,7 @@ core/config.py may differ: where files are, how many workers load them, how ofte
 two memory knobs (accum_steps and patch_chunk split the same batch into smaller forwards: the result
 changes by float summation order only, and the change is recorded in the history's "resumes"). Every
 other flag is compared, including ones added later. max_iterations is the one free flag that changes a
-result (where the run stops): comparisons (core/groups.py) compare the iteration each run finished at instead.
+result (where the run stops): comparisons (tools/groups.py) compare the iteration each run finished at instead.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from core.config import DEMO_DEFAULTS, build_parser, free_flags
-from core.strategies import STRATEGIES
 from tools.errors import UserError
 
 FREE_FLAGS = free_flags()
@@ -76,26 +75,12 @@ def _describe(name: str, old: Any, new: Any) -> str:
     return f"--{name} {old} → {new}{reason}"
 
 
-def legacy_config(saved: dict) -> dict:
-    """A config saved before --dataset existed, as today's flags describe that run: VOC2012 validated in the
-    reference's top-left window, and --demo without a format meaning the VOC demo."""
-    saved = dict(saved)
-    if "dataset" not in saved:
-        saved.setdefault("eval_resize", "none")
-        saved["dataset"] = "voc2012"
-    if isinstance(saved.get("demo"), bool):
-        saved["demo"] = "voc" if saved["demo"] else None
-    if "tile_calls" not in saved and saved.get("strategy") in STRATEGIES:  # before --tile_calls: the strategy's
-        saved["tile_calls"] = STRATEGIES[saved["strategy"]].tile_calls
-    return saved
-
-
 def check_resume(checkpoint: Any, current: dict, script: str, path: Path) -> dict:
     """Refuse (UserError, one line) to resume `checkpoint` with another script or recipe; returns the
     allowed differences ({flag: [saved, current]}) for the history."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
         raise UserError(f"--resume: {path} is not a checkpoint of the training scripts (no 'config' entry)")
-    saved = legacy_config(checkpoint["config"])
+    saved = checkpoint["config"]
     saved_script = checkpoint.get("script") or (checkpoint.get("history") or {}).get("script")
     parts = [f"script {saved_script} → {script}"] if saved_script and saved_script != script else []
     changes = recipe_changes(saved, current, flag_defaults(bool(saved.get("demo"))))

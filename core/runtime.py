@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torchvision
 
 from tools.checkpoint import plain_rng_states, raw_rng_states
 from tools.errors import UserError
@@ -30,6 +35,40 @@ def choose_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
+
+
+def processor_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def code_version() -> str | None:
+    """The repository's commit, with "+changes" when tracked files differ from it; None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """What a bitwise rerun needs besides the config: the results of the same recipe differ across CPU
+    kinds, GPU models, thread counts and library versions (docs/miniature.md, Reproducing)."""
+    is_cuda = device.type == "cuda"
+    return {"code": code_version(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if is_cuda else processor_name(),
+            "cpu_threads": torch.get_num_threads(), "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
 def autocast_settings(device: torch.device, amp: str) -> dict:

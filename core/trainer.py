@@ -20,7 +20,15 @@ from core.evaluation import THRESHOLD_KEYS, evaluate, log_val_cams
 from core.localisation import format_summary
 from core.preemption import StopRequest, fault_hook, resolve_resume
 from core.recipe import check_resume, check_stop, current_script
-from core.runtime import Runtime, broadcast_buffers, rng_states, seed_everything, set_rng_states, setup_runtime
+from core.runtime import (
+    Runtime,
+    broadcast_buffers,
+    environment,
+    rng_states,
+    seed_everything,
+    set_rng_states,
+    setup_runtime,
+)
 from core.step import StepContext, StepStats, alpha_re_at, build_step, train_step
 from core.strategies import CONTRACT, STRATEGIES, outside_rule
 from core.tb_logging import close_writer, log_scalars, make_writer
@@ -338,6 +346,9 @@ def train(args: argparse.Namespace) -> dict:
                               "script": current_script(), "iterations_per_epoch": run.iters_per_epoch,
                               "total_iterations": run.total, "dataset": data.facts["dataset"],
                               "class_names": list(data.class_names)})
+    now, sessions = environment(runtime.device), run.history.extra.setdefault("environment", [])
+    if not sessions or sessions[-1] != now:  # a resume elsewhere (another machine, library, thread count) adds one
+        sessions.append(now)
     run.log_header(chance)
     if start_over:
         run.log(start_over)

@@ -298,13 +298,13 @@ def test_a_split_without_masks_and_a_mask_of_the_wrong_size(made, capsys, tmp_pa
 
 def test_a_demo_cache_from_an_older_generator_is_rebuilt(tiny_voc, tmp_path, monkeypatch):
     """Tools reading a --demo run's data rebuild a cache without masks (older marker), and keep a current one."""
-    import core.inspection as inspection
+    import tools.run_inputs as run_inputs
 
     rebuilt = []
-    monkeypatch.setattr(inspection, "generate_demo", lambda kind, root: rebuilt.append(root) or root)
+    monkeypatch.setattr(run_inputs, "generate_demo", lambda kind, root: rebuilt.append(root) or root)
     cache = Path(shutil.copytree(tiny_voc, tmp_path / "demo_voc"))
-    config = {"demo": True, "data_dir": str(cache)}
-    assert inspection.data_root(config, None) == cache and rebuilt == []
+    config = {"demo": "voc", "data_dir": str(cache)}
+    assert run_inputs.data_root(config, None) == cache and rebuilt == []
     marker = json.loads((cache / ".oass_demo.json").read_text())
     (cache / ".oass_demo.json").write_text(json.dumps({**marker, "format_version": 1}))
-    assert inspection.data_root(config, None) == cache and rebuilt == [cache]
+    assert run_inputs.data_root(config, None) == cache and rebuilt == [cache]

@@ -160,7 +160,7 @@ def test_every_tool_refuses_a_checkpoint_that_runs_code(base, tmp_path, capsys):
         code, out, err = call(main, argv, capsys)
         line = error_line(code, err)
         assert f"{evil} {PRINTED_REFUSAL}" in line and "it calls getattr" in line, name
-        assert f"python tools/convert_checkpoint.py {evil} NEW.pth" in line, name
+        assert "The training scripts write tensors and plain values only" in line, name
         assert not marker.exists() and not out, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.pth"]  # no output of any tool
 
@@ -264,53 +264,6 @@ def test_flag_lists_and_missing_flags():
     assert recipe_changes(saved, current, {}) == []
 
 
-# ----------------------------------------------------------------------------- conversion
-def old_style(source: Path, path: Path) -> dict:
-    """The checkpoint as this repo wrote it before: numpy RNG objects, numpy floats, no script entry."""
-    ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    ckpt["rng"] = raw_rng_states(ckpt["rng"])
-    ckpt["best_mAP"] = np.float64(ckpt["best_mAP"])
-    for record in ckpt["history"]["validation"]:
-        record["mAP"] = np.float64(record["mAP"])
-    del ckpt["script"]
-    torch.save(ckpt, path)
-    return ckpt
-
-
-def test_convert_an_old_checkpoint_then_resume(exp, base, capsys, monkeypatch):
-    last = exp / "models" / "base_last.pth"
-    old = exp / "old.pth"
-    original = old_style(last, old)
-    shutil.copy(old, last)
-    code, err = resume(CTOPK_W, exp, base.voc, capsys, monkeypatch, "--max_iterations", "4")
-    assert "numpy" in error_line(code, err) and PRINTED_REFUSAL in err  # refused until converted
-
-    res = subprocess.run([sys.executable, "tools/convert_checkpoint.py", str(old), str(last), "--overwrite"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr
-    assert res.stderr.startswith("warning: ") and "weights_only=False ran the code" in res.stderr
-    assert f"sha256 {sha256(last)}" in res.stdout
-    converted = torch.load(last, map_location="cpu", weights_only=True)
-    assert type(converted["best_mAP"]) is float and converted["best_mAP"] == original["best_mAP"]
-    assert raw_rng_states(converted["rng"])["python"] == original["rng"]["python"]
-    assert np.array_equal(raw_rng_states(converted["rng"])["numpy"][1], original["rng"]["numpy"][1])
-    for key, value in original["model"].items():
-        assert torch.equal(converted["model"][key], value)
-
-    code, err = resume(CTOPK_W, exp, base.voc, capsys, monkeypatch, "--max_iterations", "4")
-    assert code == 0, err[-2000:]
-    assert torch.load(last, weights_only=True)["iteration"] == 4
-
-
-def test_convert_refuses_to_replace_without_overwrite(base, tmp_path, capsys):
-    from tools import convert_checkpoint
-
-    new = tmp_path / "new.pth"
-    new.write_bytes(b"keep me")
-    code, _, err = call(convert_checkpoint.main, [base.exp / "models" / "base_last.pth", new], capsys)
-    assert "new.pth exists" in error_line(code, err) and new.read_bytes() == b"keep me"
-
-
 # ----------------------------------------------------------------------------- provenance
 def check_hashes(exp: Path) -> None:
     history = json.loads((exp / "data" / "base.json").read_text())
@@ -324,6 +277,15 @@ def check_hashes(exp: Path) -> None:
 def test_history_records_the_hash_of_every_checkpoint_file(base):
     check_hashes(base.exp)
     assert file_sha256(base.exp / "models" / "base_best.pth") == sha256(base.exp / "models" / "base_best.pth")
+
+
+def test_history_records_where_it_ran(base):
+    """The fixture's run had OMP_NUM_THREADS=1: its history says so, with this torch and this CPU."""
+    (session,) = json.loads((base.exp / "data" / "base.json").read_text())["environment"]
+    assert session["cpu_threads"] == 1 and session["torch"] == torch.__version__ and session["device"] == "cpu"
+    assert session["world_size"] == 1 and session["device_name"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert session["code"] is None if not head else session["code"].split("+")[0] == head
 
 
 def test_tools_print_and_store_the_checkpoint_hash_and_config(base, tmp_path, capsys):

@@ -21,7 +21,6 @@ import train_classification_with_puzzle_cTopk_w_ema as oass_script
 from core.config import parse_args
 from core.trainer import main, train
 from tools.demo_formats import generate_demo
-from tools.errors import UserError
 from tools.voc import VOC_CLASSES
 
 TINY = dict(num_train=16, num_val=10, min_side=48, max_side=64, seed=1)
@@ -218,22 +217,3 @@ def test_bad_val_image_saves_last_and_resume_validates(tmp_path, monkeypatch, ca
     assert (tmp_path / "exp" / "models" / "val_cut_best.pth").is_file()
 
 
-def test_a_run_saved_before_the_dataset_flags_resumes(tmp_path):
-    """Configs from before --dataset: no dataset, eval_resize, class names, and --demo stored as True."""
-    out = tmp_path / "exp"
-    flags = ["--demo", *SMALL, "--output_dir", str(out), "--tag", "old"]
-    train(parse_args(plain_script.DEFAULTS, flags))
-    path = out / "models" / "old_last.pth"
-    checkpoint = torch.load(path, weights_only=False)
-    config = checkpoint["config"]
-    assert config["dataset"] == "voc2012" and config["eval_resize"] == "none" and config["demo"] == "voc"
-    for key in ("dataset", "eval_resize", "keep_unlabelled", "num_classes", "class_names"):
-        del config[key]
-    config["demo"] = True
-    torch.save(checkpoint, path)
-    history = train(parse_args(plain_script.DEFAULTS, [*flags, "--resume", "--max_iterations", "3"]))
-    assert [v["iteration"] for v in history["validation"]] == [2, 3]
-    checkpoint["config"]["eval_resize"] = "fit"  # a real change is still refused
-    torch.save(checkpoint, path)
-    with pytest.raises(UserError, match="eval_resize"):
-        train(parse_args(plain_script.DEFAULTS, [*flags, "--resume", "--max_iterations", "4"]))

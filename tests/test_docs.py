@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from core import flags_doc
 from core.config import build_parser
+from tools import flags_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -3,8 +3,7 @@
 A checkpoint holds only tensors and plain Python values (str, int, float, bool, None, lists, tuples,
 dicts), so it loads with `torch.load(..., weights_only=True)`: a file that would need to import and
 call anything (a pickle of objects, such as a shared `.pth` crafted to run code) is refused without
-being unpickled. Checkpoints written before this rule (numpy RNG states inside) are converted once,
-explicitly, by `python tools/convert_checkpoint.py OLD NEW`.
+being unpickled.
 """
 from __future__ import annotations
 
@@ -21,9 +20,6 @@ import torch
 
 from tools.errors import UserError
 from tools.files import atomic_write, file_sha256
-
-CONVERT_COMMAND = "python tools/convert_checkpoint.py"
-
 
 WRITE_ADVICE = ("the previous version of it is intact — free disk space or fix the folder's permissions, then "
                 "rerun with --resume")
@@ -47,8 +43,8 @@ def _refusal(path: Path, exc: pickle.UnpicklingError) -> UserError:
                          f"{' '.join(str(exc).split())[:200]})")
     return UserError(
         f"{path} needs arbitrary code to load (it is a pickle of objects, not plain tensors: it calls "
-        f"{found.group(1)}); refused, nothing in it was run. If you trust it, convert it with "
-        f"{CONVERT_COMMAND} {path} NEW.pth"
+        f"{found.group(1)}); refused, nothing in it was run. The training scripts write tensors and plain "
+        "values only: use a checkpoint they wrote"
     )
 
 

@@ -1,7 +1,9 @@
-"""Where a run's outputs live, and the text log and JSON history written there (one set per --tag)."""
+"""Where a run's outputs live (checkpoints by --tag, CAM folders), and the text log and JSON history
+written there (one set per --tag)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +64,61 @@ class RunFiles:
             for path in found:
                 path.unlink()
 
+
+CHECKPOINT_NAMES = ("best", "last")
+
+
+def safe_name(text: str) -> str:
+    """A split name or label as a file-name part: 'main:val' -> 'main_val', a list path -> its stem."""
+    if text.endswith(".txt") or "/" in text or "\\" in text:
+        text = Path(text).stem
+    return re.sub(r"[^A-Za-z0-9._@-]+", "_", text).strip("_") or "split"
+
+
+def cam_folder(output_dir: str | Path, tag: str, split: str, teacher: bool = False) -> Path:
+    """Where make_cams.py writes (and evaluate_cams.py reads) a run's CAMs of a split by default."""
+    return Path(output_dir) / "cams" / f"{tag}_{safe_name(split)}{'_teacher' if teacher else ''}"
+
+
+def known_tags(output_dir: str | Path) -> list[str]:
+    """Tags that have at least one checkpoint under output_dir/models."""
+    folder = Path(output_dir) / "models"
+    if not folder.is_dir():
+        return []
+    tags = {p.name[: -len(f"_{which}.pth")] for which in CHECKPOINT_NAMES for p in folder.glob(f"*_{which}.pth")}
+    return sorted(tags)
+
+
+def _tags_hint(output_dir: str | Path) -> str:
+    tags = known_tags(output_dir)
+    if not tags:
+        return f"no run has checkpoints under {Path(output_dir) / 'models'}"
+    shown = ", ".join(tags[:8]) + (", ..." if len(tags) > 8 else "")
+    return f"tags with checkpoints there: {shown}"
+
+
+def resolve_checkpoint(tag: str | None, checkpoint: str | None, output_dir: str | Path) -> Path:
+    """The .pth file meant by --tag / --checkpoint best|last|PATH, or a UserError naming what was tried."""
+    which = checkpoint or "best"
+    if which not in CHECKPOINT_NAMES:
+        path = Path(which).expanduser()
+        if not path.is_file():
+            raise UserError(f"--checkpoint {which}: no such file; pass best, last or the path of a .pth file")
+        return path
+    if tag is None:
+        raise UserError(f"--checkpoint {which} needs --tag (or pass --checkpoint PATH to a .pth file)")
+    files = RunFiles(Path(output_dir), tag)
+    path = files.checkpoint(which)
+    if path.is_file():
+        return path
+    others = [p for p in (files.checkpoint(n) for n in CHECKPOINT_NAMES) if p.is_file()]
+    if others:
+        other = others[0].stem.rsplit("_", 1)[-1]
+        raise UserError(f"--tag {tag} has no {which} checkpoint ({path}); pass --checkpoint {other} "
+                        f"({others[0]}) or wait for the run to write it")
+    tried = " or ".join(str(files.checkpoint(n)) for n in CHECKPOINT_NAMES)
+    raise UserError(f"unknown --tag {tag}: no checkpoint {tried}; {_tags_hint(output_dir)} — check the tag, "
+                    "pass --output_dir DIR where the run wrote its models/, or --checkpoint PATH")
 
 def save_val_scores(path: Path, image_ids: list[str], scores: np.ndarray, labels: np.ndarray, ignore: np.ndarray,
                     **facts: float) -> None:

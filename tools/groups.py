@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from core.localisation import keypoint_strategies
-from core.recipe import flag_defaults, legacy_config, recipe_changes
+from core.recipe import flag_defaults, recipe_changes
 from core.strategies import STRATEGIES
 from tools.bootstrap import BootstrapResult, paired_bootstrap, resample_indices, run_maps
 from tools.errors import UserError
@@ -107,10 +107,10 @@ def check_one_recipe(group: Group) -> None:
     """Refuse a group whose runs differ in anything but the seed (or the flags that never change a result),
     that mixes finished lengths, or that holds a seed twice: its mean ± std and bootstrap would be over
     different results, or count one seed twice."""
-    first = legacy_config(group.histories[0]["config"])
+    first = group.histories[0]["config"]
     defaults = flag_defaults(bool(first.get("demo")))
     for history in group.histories[1:]:
-        other = legacy_config(history["config"])
+        other = history["config"]
         changes = [c for c in recipe_changes(other, first, defaults) if c[0] != "seed"]
         if changes:
             flags = ", ".join(f"--{name} ({old} vs {new})" for name, new, old in changes)
