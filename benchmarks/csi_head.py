@@ -31,8 +31,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.measure import MemoryProbe, cpu_model, synchronize  # noqa: E402
+from benchmarks.measure import MemoryProbe, synchronize  # noqa: E402
 from core.csi import CSIHead  # noqa: E402
+from core.runtime import processor_name  # noqa: E402
 
 MIB = 1024.0 * 1024.0
 VARIANTS = ("literal", "fused")
@@ -160,7 +161,7 @@ def report(results: dict[str, dict], shape: Shape, args: argparse.Namespace) -> 
     literal, fused = results["literal"], results["fused"]
     lines = [
         f"- command: python benchmarks/csi_head.py {' '.join(sys.argv[1:])}".rstrip(),
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs visible; "
+        f"- machine: {processor_name()}, {os.cpu_count()} logical CPUs visible; "
         f"{platform.platform()}",
         f"- device: {_device_name(args.device)}; torch {torch.__version__}, "
         f"intra-op threads {args.threads or torch.get_num_threads()}",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from core.runtime import processor_name
+
 MIB = 1024.0 * 1024.0
 
 
@@ -81,16 +83,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> str:
     try:
         return " / ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -101,9 +93,9 @@ def load_average() -> str:
 def machine_lines(device: torch.device) -> list[str]:
     """Date, command, machine, device, torch threads and load: the header of every report."""
     if device.type == "cuda":
-        machine = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host CPU {cpu_model()}"
+        machine = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host CPU {processor_name()}"
     else:
-        machine = f"{cpu_model()}, {os.cpu_count()} logical CPUs visible"
+        machine = f"{processor_name()}, {os.cpu_count()} logical CPUs visible"
     return [
         f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"command: {' '.join([Path(sys.executable).name, *sys.argv])}",

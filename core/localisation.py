@@ -29,8 +29,10 @@ def display_names() -> dict[str, str]:
     return {POINTING_GAME: "pointing game", **{name: STRATEGIES[name].title for name in keypoint_strategies()}}
 
 
+# Snapshots of the registry once the plug-ins are loaded, for callers that read them as constants (the
+# plug-in test, which stays unchanged); code in this repo calls the two functions, which read it live.
 load_plugins()
-KEYPOINT_STRATEGIES = keypoint_strategies()  # the strategies at import; keypoint_strategies() reads the registry now
+KEYPOINT_STRATEGIES = keypoint_strategies()
 DISPLAY_NAMES = display_names()
 
 

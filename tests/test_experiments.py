@@ -220,6 +220,10 @@ def test_compare_groups_with_intervals(experiment, capsys, tmp_path):
         pytest.approx((low, high), abs=1e-9)
     assert float(rows["ctopk_w"]["share_above_0_vs_none"]) == pytest.approx(share)
     assert rows["none"]["delta_vs_none"] == ""
+    for group in ("none", "ctopk_w"):  # tied scores: each (image, class) score shared with another image's
+        shares = [100 * np.mean([[np.sum(s[:, c] == s[i, c]) > 1 for c in range(s.shape[1])] for i in range(len(s))])
+                  for s in best[group + "_scores"]]
+        assert float(rows[group]["tied_scores_mean"]) == pytest.approx(np.mean(shares), abs=1e-9)
 
     code, out, err = call(compare_experiments.main, ["--dir", experiment.out, "--baseline", "none"], capsys)
     lines = out.strip().splitlines()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_docs import PAGES, bash_commands, script_and_argv
 
@@ -122,3 +123,31 @@ def test_a_shipped_folder_mixing_recipes_is_refused(tmp_path, capsys):
     code, _, err = call(compare_experiments.main, ["--dir", folder.parent], capsys)
     assert code == 2 and "no run histories" in err and len(err.strip().splitlines()) == 1, err
 
+
+
+# ----------------------------------------------------------------------------- an independent recomputation
+SCORE_FILES = sorted(REGIMES.glob("*/data/*_val_scores.npz")) if REGIMES.is_dir() else []
+
+
+@pytest.mark.parametrize("path", SCORE_FILES, ids=[f"{p.parents[1].name}/{p.name}" for p in SCORE_FILES])
+def test_each_shipped_score_file_gives_its_mAP_by_scikit_learn(path):
+    """scikit-learn's AP gives each shipped run's logged mAP. It treats a tie as one threshold where the
+    reference AP keeps tied images in list order (tools/metrics.py); ranking the tied scores by that order
+    first makes every score distinct, and then the two must agree exactly."""
+    from sklearn.metrics import average_precision_score
+
+    saved = np.load(path)
+    scores, labels = saved["scores"], saved["labels"]
+    history = json.loads(path.with_name(path.name.replace("_val_scores.npz", ".json")).read_text())
+    best = max(v["mAP"] for v in history["validation"])
+    classes = [c for c in range(labels.shape[1]) if labels[:, c].any()]
+    ranks = np.empty(scores.shape)
+    for c in classes:
+        order = np.lexsort((np.arange(len(scores)), -scores[:, c]))  # by score, then list order
+        ranks[order, c] = -np.arange(len(scores))
+    in_order = 100 * np.mean([average_precision_score(labels[:, c], ranks[:, c]) for c in classes])
+    assert in_order == pytest.approx(best, abs=1e-9) and float(saved["mAP"]) == pytest.approx(best, abs=1e-9)
+    for c in classes:
+        if len(np.unique(scores[:, c])) == len(scores):  # no tie: the raw scores give the same AP
+            raw = average_precision_score(labels[:, c], scores[:, c])
+            assert raw == pytest.approx(average_precision_score(labels[:, c], ranks[:, c]), abs=1e-12)

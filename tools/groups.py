@@ -18,9 +18,11 @@ from tools.bootstrap import BootstrapResult, paired_bootstrap, resample_indices,
 from tools.errors import UserError
 from tools.metrics import mean_average_precision
 
-METRICS = ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game", "hit_rate", "hit_rate_first", "wall_time")
+METRICS = ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game", "hit_rate", "hit_rate_first", "tied_scores",
+           "wall_time")
 HEADERS = {"mAP": "best mAP", "mAP_voc": "mAP_voc", "CF1": "CF1", "OF1": "OF1", "pointing_game": "pointing game",
-           "hit_rate": "hit rate", "hit_rate_first": "hit rate (1st val)", "wall_time": "wall time (s)"}
+           "hit_rate": "hit rate", "hit_rate_first": "hit rate (1st val)", "tied_scores": "tied scores (%)",
+           "wall_time": "wall time (s)"}
 
 
 @dataclass
@@ -64,8 +66,19 @@ def run_metrics(history: dict) -> dict:
     out = {key: _number(best.get(key)) for key in ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game")}
     out["hit_rate"] = _number(best.get(hit)) if hit else math.nan
     out["hit_rate_first"] = _number(validation[0].get(hit)) if hit else math.nan
+    out["tied_scores"] = math.nan  # from the score file (load_scores)
     out["wall_time"] = _number(history.get("wall_time"))
     return out
+
+
+def tied_share(scores: np.ndarray) -> float:
+    """Percent of the (image, class) scores that equal another image's score of the same class. A tie makes
+    AP depend on the image order (tools/metrics.py); a class scored the same on every image carries no ranking."""
+    tied = 0
+    for column in scores.T:
+        counts = np.unique(column, return_counts=True)[1]
+        tied += int(counts[counts > 1].sum())
+    return 100.0 * tied / scores.size
 
 
 def make_groups(histories: list[dict]) -> list[Group]:
@@ -163,6 +176,7 @@ def load_scores(folder: Path, group: Group) -> None:
             problem = f"mAP {saved_map:.4f} where the history's best validation has {metrics['mAP']:.4f}"
         if problem:
             raise UserError(f"{tag}: {path.name} does not match its history ({problem}); {fix}")
+        metrics["tied_scores"] = tied_share(run.scores)
         group.scores.append(run)
         group.scored_tags.append(tag)
 
