@@ -145,7 +145,7 @@ def test_evaluate_a_demo_run_finds_the_demo_set_and_its_split(run, capsys, monke
     monkeypatch.setenv("OASS_CACHE", str(run.base / "cache"))
     shutil.copytree(run.voc, run.base / "cache" / "demo_voc")
     ckpt = torch.load(run.exp / "models" / "tiny_last.pth", weights_only=False)
-    ckpt["config"].update(demo=True, data_dir=None, tag="demo_like")
+    ckpt["config"].update(demo="voc", data_dir=None, tag="demo_like")
     torch.save(ckpt, run.exp / "models" / "demo_like_last.pth")
     code, _, err = call(evaluate_classification.main, ["--tag", "demo_like", "--checkpoint", "last",
                                                        "--output_dir", run.exp], capsys)
