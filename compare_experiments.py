@@ -34,8 +34,11 @@ import sys
 from pathlib import Path
 
 from core.config import OneLineParser
+from core.localisation import keypoint_strategies
+from core.recipe import flag_defaults, recipe_changes
+from core.strategies import STRATEGIES
 from tools.errors import UserError, run_cli
-from tools.groups import compare_groups
+from tools.groups import MethodFacts, compare_groups
 
 REPO = Path(__file__).resolve().parent
 # A table in README.md or docs/ that this tool generated: the flags that regenerate it (paths relative to the
@@ -216,6 +219,15 @@ def compare_runs(args: argparse.Namespace, histories: list[dict], plt) -> list[d
     return rows
 
 
+def changes_from(config: dict, reference: dict) -> list[tuple]:
+    """The compared flags in which `config` differs from `reference` (a flag either lacks counts as its default)."""
+    return recipe_changes(config, reference, flag_defaults(bool(reference.get("demo"))))
+
+
+def method_facts() -> MethodFacts:
+    return MethodFacts(tuple(STRATEGIES), keypoint_strategies(), changes_from)
+
+
 def compare(args: argparse.Namespace) -> list[dict]:
     if args.resamples < 100:
         raise UserError(f"--resamples must be at least 100 for a 95% interval, got {args.resamples}")
@@ -223,7 +235,7 @@ def compare(args: argparse.Namespace) -> list[dict]:
     histories = read_histories(Path(args.dir), args.filter)
     if args.runs:
         return compare_runs(args, histories, plt)
-    return compare_groups(args, histories, plt)
+    return compare_groups(args, histories, plt, method_facts())
 
 
 def generated_table(flags: str) -> str:

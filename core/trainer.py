@@ -36,26 +36,12 @@ from tools.checkpoint import load_checkpoint_and_hash, plain_values, restore_sta
 from tools.errors import UserError, run_cli, user_message
 from tools.images import BadImageError
 from tools.metrics import chance_map
-from tools.run_files import History, Logger, RunFiles, save_val_scores
+from tools.run_files import History, Logger, RunFiles, describe_config, log_field, save_val_scores
 
 
 def main(defaults: dict) -> None:
     """Entry point of the training scripts: each passes only its defaults."""
     run_cli(lambda: train(parse_args(defaults)))
-
-
-def describe_config(config: dict, extra: dict) -> str:
-    lines = ["# config"] + [f"{k}: {v}" for k, v in sorted(config.items())]
-    lines += [f"{k}: {v}" for k, v in extra.items()]
-    return "\n".join(lines)
-
-
-# how the log line shows a statistic that is not a loss (others: its name and 4 digits)
-LOG_FORMATS = {"tasks_per_batch": "tasks/batch {:.1f}", "keypoint_distance": "kp_dist {:.1f}px"}
-
-
-def log_field(name: str, value: float) -> str:
-    return LOG_FORMATS.get(name, name + " {:.4g}").format(value)
 
 
 class Run:
@@ -346,9 +332,7 @@ def train(args: argparse.Namespace) -> dict:
                               "script": current_script(), "iterations_per_epoch": run.iters_per_epoch,
                               "total_iterations": run.total, "dataset": data.facts["dataset"],
                               "class_names": list(data.class_names)})
-    now, sessions = environment(runtime.device), run.history.extra.setdefault("environment", [])
-    if not sessions or sessions[-1] != now:  # a resume elsewhere (another machine, library, thread count) adds one
-        sessions.append(now)
+    run.history.add_environment(environment(runtime.device))
     run.log_header(chance)
     if start_over:
         run.log(start_over)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import flags_doc
 from core.config import build_parser
-from tools import flags_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -140,3 +140,14 @@ def test_every_relative_link_points_to_a_file_and_heading():
             elif anchor and file.suffix == ".md" and anchor not in anchors(file):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_tools_stay_below_core():
+    """tools/ (data, metrics, files, statistics) is the lower layer: no module of it imports core/."""
+    import ast
+
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "core" or n.startswith("core.") for n in names), f"{path.name} imports {names}"

@@ -6,14 +6,12 @@ import csv
 import io
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from core.localisation import keypoint_strategies
-from core.recipe import flag_defaults, recipe_changes
-from core.strategies import STRATEGIES
 from tools.bootstrap import BootstrapResult, paired_bootstrap, resample_indices, run_maps
 from tools.errors import UserError
 from tools.metrics import mean_average_precision
@@ -23,6 +21,16 @@ METRICS = ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game", "hit_rate", "hit_rat
 HEADERS = {"mAP": "best mAP", "mAP_voc": "mAP_voc", "CF1": "CF1", "OF1": "OF1", "pointing_game": "pointing game",
            "hit_rate": "hit rate", "hit_rate_first": "hit rate (1st val)", "tied_scores": "tied scores (%)",
            "wall_time": "wall time (s)"}
+
+
+@dataclass(frozen=True)
+class MethodFacts:
+    """What grouping runs needs to know about the method; the caller (compare_experiments.py) reads it from
+    core/, which tools/ does not import."""
+
+    strategy_order: tuple[str, ...]  # the registry's order: baselines, OASS, plug-ins
+    keypoint_strategies: tuple[str, ...]  # the strategies whose own hit rate a run logs
+    recipe_changes: Callable[[dict, dict], list[tuple]]  # (config, reference config) -> [(flag, value, reference)]
 
 
 @dataclass
@@ -53,7 +61,7 @@ def _number(value: object) -> float:
     return float(value) if ok else math.nan
 
 
-def run_metrics(history: dict) -> dict:
+def run_metrics(history: dict, keypoint_strategies: tuple[str, ...]) -> dict:
     """The run's best validation (first of equal maxima, like the trainer) and its own keypoint hit rate there
     and at the first validation (NaN for strategies without keypoints or runs without boxes)."""
     validation = [r for r in history.get("validation") or [] if isinstance(r, dict) and not math.isnan(
@@ -62,7 +70,7 @@ def run_metrics(history: dict) -> dict:
         return {key: math.nan for key in METRICS}  # wall time too: a run without a validation has no result
     best = max(validation, key=lambda r: r["mAP"])
     strategy = history["config"].get("strategy")
-    hit = f"hit_rate_{strategy}" if strategy in keypoint_strategies() else None
+    hit = f"hit_rate_{strategy}" if strategy in keypoint_strategies else None
     out = {key: _number(best.get(key)) for key in ("mAP", "mAP_voc", "CF1", "OF1", "pointing_game")}
     out["hit_rate"] = _number(best.get(hit)) if hit else math.nan
     out["hit_rate_first"] = _number(validation[0].get(hit)) if hit else math.nan
@@ -81,18 +89,18 @@ def tied_share(scores: np.ndarray) -> float:
     return 100.0 * tied / scores.size
 
 
-def make_groups(histories: list[dict]) -> list[Group]:
+def make_groups(histories: list[dict], facts: MethodFacts) -> list[Group]:
     """One group per strategy, in the registry's order (baselines first, then OASS, then plug-ins; unknown names
     last, by name); a group mixing recipes is refused."""
     by_name: dict[str, list[dict]] = {}
     for history in histories:
         by_name.setdefault(str(history["config"].get("strategy")), []).append(history)
-    registered = list(STRATEGIES)
+    registered = list(facts.strategy_order)
     order = sorted(by_name, key=lambda n: (registered.index(n) if n in registered else len(registered), n))
     groups = [Group(name, by_name[name]) for name in order]
     for group in groups:
-        check_one_recipe(group)
-        group.metrics = [run_metrics(h) for h in group.histories]
+        check_one_recipe(group, facts.recipe_changes)
+        group.metrics = [run_metrics(h, facts.keypoint_strategies) for h in group.histories]
     return groups
 
 
@@ -116,15 +124,14 @@ def _tags(histories: list[dict]) -> str:
     return ", ".join(tags[:-1]) + " and " + tags[-1] if len(tags) > 1 else tags[0]
 
 
-def check_one_recipe(group: Group) -> None:
+def check_one_recipe(group: Group, recipe_changes: Callable[[dict, dict], list[tuple]]) -> None:
     """Refuse a group whose runs differ in anything but the seed (or the flags that never change a result),
     that mixes finished lengths, or that holds a seed twice: its mean ± std and bootstrap would be over
     different results, or count one seed twice."""
     first = group.histories[0]["config"]
-    defaults = flag_defaults(bool(first.get("demo")))
     for history in group.histories[1:]:
         other = history["config"]
-        changes = [c for c in recipe_changes(other, first, defaults) if c[0] != "seed"]
+        changes = [c for c in recipe_changes(other, first) if c[0] != "seed"]
         if changes:
             flags = ", ".join(f"--{name} ({old} vs {new})" for name, new, old in changes)
             raise UserError(f"group {group.name} mixes recipes: runs {first.get('tag')} and {other.get('tag')} differ "
@@ -309,8 +316,8 @@ def plot_groups(plt, rows: list[dict], baselines: list[str], out: Path) -> None:
         plt.close(fig)
 
 
-def compare_groups(args: argparse.Namespace, histories: list[dict], plt) -> list[dict]:
-    groups = make_groups(histories)
+def compare_groups(args: argparse.Namespace, histories: list[dict], plt, facts: MethodFacts) -> list[dict]:
+    groups = make_groups(histories, facts)
     names = [g.name for g in groups]
     unknown = [b for b in args.baseline if b not in names]
     if unknown:

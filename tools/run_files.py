@@ -131,6 +131,20 @@ def save_val_scores(path: Path, image_ids: list[str], scores: np.ndarray, labels
     atomic_write(path, lambda f: np.savez(f, **arrays), WRITE_ADVICE)
 
 
+def describe_config(config: dict, extra: dict) -> str:
+    lines = ["# config"] + [f"{k}: {v}" for k, v in sorted(config.items())]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    return "\n".join(lines)
+
+
+# how the log line shows a statistic that is not a loss (others: its name and 4 digits)
+LOG_FORMATS = {"tasks_per_batch": "tasks/batch {:.1f}", "keypoint_distance": "kp_dist {:.1f}px"}
+
+
+def log_field(name: str, value: float) -> str:
+    return LOG_FORMATS.get(name, name + " {:.4g}").format(value)
+
+
 class Logger:
     """Text log per tag (rank 0 only): the config first, then progress lines."""
 
@@ -158,6 +172,12 @@ class History:
 
     def as_dict(self) -> dict:
         return {"config": self.config, "train": self.train, "validation": self.validation, **self.extra}
+
+    def add_environment(self, now: dict) -> None:
+        """Record where this session runs; a resume elsewhere (another machine, library, thread count) adds one."""
+        sessions = self.extra.setdefault("environment", [])
+        if not sessions or sessions[-1] != now:
+            sessions.append(now)
 
     @classmethod
     def from_dict(cls, saved: dict, config: dict) -> History:
