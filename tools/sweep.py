@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.errors import UserError
+from tools.files import atomic_write
 from tools.run_files import RunFiles
 
 # a run stopped by one of these saves its last checkpoint and exits 128 + the signal's number (docs/cluster.md)
@@ -76,15 +77,8 @@ class Records:
 
     def write(self, tag: str, **fields) -> dict:
         record = {**self.read(tag), **fields}
-        path = self.path(tag)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(record, indent=1, default=str))
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise UserError(f"cannot write the sweep's records to {self.folder} ({exc.strerror}); "
-                            "use an --output_dir you can write to") from None
+        text = json.dumps(record, indent=1, default=str).encode()
+        atomic_write(self.path(tag), lambda f: f.write(text), "use an --output_dir you can write to", durable=False)
         return record
 
 
