@@ -4,6 +4,7 @@ sweep with --parallel N, side by side on this machine.
     python benchmarks/parallel_sweep.py                                  # 2 scripts x seed 0, --demo, 20 iterations
     python benchmarks/parallel_sweep.py --max_iterations 60 --repeats 2  # longer runs, each order once
     python benchmarks/parallel_sweep.py --seeds 0 1 2 --parallel 2 --threads_per_run 1
+    python benchmarks/parallel_sweep.py --scripts <the miniature's six> --max_iterations 0  # whole schedules
 
 Both sweeps run the same scripts, seeds and flags into fresh output folders under a temporary directory.
 The sequential one leaves each run the machine's default intra-op threads (OMP_NUM_THREADS unset: torch
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--scripts", nargs="+", default=SCRIPTS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--max_iterations", type=int, default=20, help="iterations of each run (its last validates)")
+    p.add_argument("--max_iterations", type=int, default=20,
+                   help="iterations of each run (its last validates); 0 runs each script's whole schedule")
     p.add_argument("--parallel", type=int, default=2, help="runs at once in the parallel sweep")
     p.add_argument("--threads_per_run", type=int, default=1, help="threads of each run in the parallel sweep")
     p.add_argument("--repeats", type=int, default=1, help="sweeps of each kind; the order alternates")
@@ -51,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sweep_command(opts: argparse.Namespace, passthrough: list[str], out: Path, parallel: bool) -> list[str]:
     command = [sys.executable, str(ROOT / "run_experiments.py"), "--scripts", *opts.scripts, "--seeds",
-               *map(str, opts.seeds), "--prefix", "bench", "--max_iterations", str(opts.max_iterations),
-               *passthrough, "--output_dir", str(out)]
+               *map(str, opts.seeds), "--prefix", "bench", *passthrough, "--output_dir", str(out)]
+    if opts.max_iterations:
+        command += ["--max_iterations", str(opts.max_iterations)]
     if "--data_dir" not in passthrough:
         command.append("--demo")
     if parallel:
@@ -83,9 +86,9 @@ def prepare_demo() -> None:
 def main(argv: list[str] | None = None) -> None:
     def go() -> None:
         opts, passthrough = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-        if opts.parallel < 2 or opts.threads_per_run < 1 or opts.repeats < 1 or opts.max_iterations < 1:
-            raise UserError("--parallel must be 2 or more; --threads_per_run, --repeats and --max_iterations 1 or "
-                            "more")
+        if opts.parallel < 2 or opts.threads_per_run < 1 or opts.repeats < 1 or opts.max_iterations < 0:
+            raise UserError("--parallel must be 2 or more; --threads_per_run and --repeats 1 or more; "
+                            "--max_iterations 0 (whole schedules) or more")
         if "--data_dir" not in passthrough:
             prepare_demo()
         for line in machine_lines(torch.device("cpu")):
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                           f"{load_average()}): {' '.join(command[1:])}", flush=True)
         sequential, parallel = (statistics.median(times[k]) for k in ("sequential", "parallel"))
         runs = len(opts.scripts) * len(opts.seeds)
-        print(f"{runs} runs of {opts.max_iterations} iterations: sequential {sequential:.1f} s, --parallel "
+        length = f"{opts.max_iterations} iterations" if opts.max_iterations else "their whole schedule"
+        print(f"{runs} runs of {length}: sequential {sequential:.1f} s, --parallel "
               f"{opts.parallel} with {opts.threads_per_run} thread(s) each {parallel:.1f} s (median of "
               f"{opts.repeats}); ratio sequential / parallel {sequential / parallel:.2f}x", flush=True)
 
