@@ -70,9 +70,10 @@ def short_run(tiny_voc, out, argv=(), recipe="ctopk_w"):
 
 @pytest.mark.parametrize("recipe", list(GUARDED))
 def test_a_short_run_computes_what_it_computed_before_the_refactor(recipe, tiny_voc, tmp_path, single_thread):
-    pinned = PINNED_DIGESTS.get(cpu_kind())
+    kind = cpu_kind()
+    pinned = PINNED_DIGESTS.get(kind)
     if pinned is None:
-        pytest.skip(f"no digests pinned for a {cpu_kind()} CPU; compute the digests of its runs with commit db580f1 "
+        pytest.skip(f"no digests pinned for a {kind} CPU; compute the digests of its runs with commit db580f1 "
                     "on one to add them")
     history = short_run(tiny_voc, tmp_path, recipe=recipe)
     assert [row["iteration"] for row in history["train"]] == [2, 4]
